@@ -1,0 +1,68 @@
+"""2-D convolution (cross-correlation, PyTorch weight layout) through the Numba kernels.
+
+Imports minires.tensor and kernels.
+
+Notation used by every conv/pool docstring in minires: N batch size, C input channels,
+O output channels, H W input height and width, KH KW kernel height and width,
+OH = (H + 2*ph - KH) // sh + 1 and OW likewise the output size, (sh, sw) the stride and
+(ph, pw) the zero padding.
+"""
+import kernels
+from minires.tensor import Function
+
+
+def pair(op, name, v):
+    """An int or a pair of ints as a pair: 1 -> (1, 1)."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def check_floats(op, *arrays):
+    """All arrays float32 or float64 and of one dtype, else a TypeError naming the op."""
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+        raise TypeError(f"{op}: expected float32 or float64 inputs of one dtype, got "
+                        f"{', '.join(str(a.dtype) for a in arrays)}")
+
+
+class Conv2d(Function):
+    def __init__(self, stride, padding):
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x, w, b=None):
+        if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"conv2d: expected x (N, C, H, W) and w (O, C, KH, KW) with the "
+                             f"same C, got x {x.shape} and w {w.shape}")
+        check_floats("conv2d", *(a for a in (x, w, b) if a is not None))
+        self.save_for_backward(x, w)
+        return kernels.conv2d_forward(x, w, b, self.stride, self.padding)
+
+    def backward(self, gy):
+        x, w = self.saved
+        need = self.needs_input_grad
+        gx = gw = gb = None
+        if need[0]:
+            gx = kernels.conv2d_backward_input(gy, w, x.shape, self.stride, self.padding)
+        if any(need[1:]):
+            gw, gb = kernels.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding,
+                                                    bias=len(need) > 2)
+        return (gx, gw if need[1] else None, gb)[:len(need)]
+
+
+def conv2d(x, w, b=None, stride=1, padding=0):
+    """2-D cross-correlation, as torch.nn.functional.conv2d.
+
+    Args:
+        x: input (N, C, H, W).
+        w: weight (O, C, KH, KW).
+        b: bias (O,) or None.
+        stride, padding: an int or a pair (height, width).
+    Returns:
+        (N, O, OH, OW) tensor.
+    """
+    stride, padding = pair("conv2d", "stride", stride), pair("conv2d", "padding", padding)
+    f = Conv2d(stride, padding)
+    return f(x, w) if b is None else f(x, w, b)

@@ -1,0 +1,42 @@
+"""The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward.
+
+Imports minires.tensor and kernels.
+"""
+import kernels
+from minires.ops.conv import check_floats
+from minires.tensor import Function
+
+
+class ResidualAdd(Function):
+    def __init__(self, relu):
+        self.relu = relu
+
+    def forward(self, x, fx, alpha=None):
+        if x.shape != fx.shape:
+            raise ValueError(f"residual_add: skip x has shape {x.shape} but block output fx "
+                             f"has shape {fx.shape}; they must match exactly")
+        if alpha is not None and alpha.size != 1:
+            raise ValueError(f"residual_add: alpha must be a scalar, got shape {alpha.shape}")
+        check_floats("residual_add", *(a for a in (x, fx, alpha) if a is not None))
+        y = kernels.residual_add_forward(x, fx, alpha, self.relu)
+        need_galpha = alpha is not None and self.needs_input_grad[2]
+        self.save_for_backward(y if self.relu else None, fx if need_galpha else None, alpha)
+        return y
+
+    def backward(self, gy):
+        y, fx, alpha = self.saved
+        if alpha is not None and fx is None:
+            # alpha is a constant: its gradient is not needed, the kernel skips it
+            gx, gfx, _ = kernels.residual_add_backward(gy, y, gy, alpha, self.relu)
+            return gx, gfx, None
+        return kernels.residual_add_backward(gy, y, fx, alpha, self.relu)[:len(self.inputs)]
+
+
+def residual_add(x, fx, alpha=None, relu=False):
+    """act(x + alpha * fx) as ONE fused op: x the skip (N, ...), fx the block output of the
+    same shape (never broadcast), alpha None or a scalar tensor (ReZero), act ReLU if relu.
+
+    Backward returns the gradients to x, fx and alpha in one kernel pass.
+    """
+    f = ResidualAdd(bool(relu))
+    return f(x, fx) if alpha is None else f(x, fx, alpha)

@@ -1,0 +1,136 @@
+"""Shape ops: reshape, transpose, flatten, broadcast_to, getitem (basic indexing), concat.
+
+Imports minires.tensor and minires.ops.arith (for unbroadcast).
+"""
+from minires.ops.arith import unbroadcast
+from minires.tensor import Function, Tensor
+
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        try:
+            return x.reshape(self.shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot reshape array of shape {x.shape} "
+                             f"({x.size} elements) into shape {self.shape}") from None
+
+    def backward(self, gy):
+        return gy.reshape(self.in_shape)
+
+
+class Transpose(Function):
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        axes = tuple(reversed(range(x.ndim))) if self.axes is None else tuple(self.axes)
+        if sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of the "
+                             f"{x.ndim} axes of shape {x.shape}")
+        self.axes = tuple(a % x.ndim for a in axes)
+        return x.transpose(self.axes)
+
+    def backward(self, gy):
+        inverse = [0] * len(self.axes)
+        for i, a in enumerate(self.axes):
+            inverse[a] = i
+        return gy.transpose(inverse)
+
+
+class BroadcastTo(Function):
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        try:
+            return self.xp.broadcast_to(x, self.shape)
+        except ValueError:
+            raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to "
+                             f"{self.shape}") from None
+
+    def backward(self, gy):
+        return unbroadcast(gy, self.in_shape)
+
+
+def _check_basic_key(key):
+    keys = key if isinstance(key, tuple) else (key,)
+    for k in keys:
+        if not (k is None or k is Ellipsis or isinstance(k, (int, slice))):
+            raise TypeError(f"getitem: only basic indexing (ints, slices, None, ...) is "
+                            f"supported, got {type(k).__name__} in key {key!r}")
+
+
+class GetItem(Function):
+    def __init__(self, key):
+        _check_basic_key(key)
+        self.key = key
+
+    def forward(self, x):
+        self.in_shape, self.dtype = x.shape, x.dtype
+        try:
+            return x[self.key]
+        except IndexError as e:
+            raise IndexError(f"getitem: {e} (key {self.key!r}, shape {x.shape})") from None
+
+    def backward(self, gy):
+        gx = self.xp.zeros(self.in_shape, dtype=gy.dtype)
+        gx[self.key] = gy  # basic indexing never repeats an element: assignment suffices
+        return gx
+
+
+class Concat(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        ndims = {x.ndim for x in xs}
+        rest = {x.shape[:self.axis % x.ndim] + x.shape[self.axis % x.ndim + 1:] for x in xs}
+        if len(ndims) != 1 or len(rest) != 1:
+            raise ValueError(f"concat: shapes {[x.shape for x in xs]} must match except "
+                             f"along axis {self.axis}")
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return self.xp.concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        bounds = self.xp.cumsum(self.xp.asarray(self.sizes[:-1])).tolist()
+        parts = self.xp.split(gy, bounds, axis=self.axis)
+        return tuple(p if need else None for p, need in zip(parts, self.needs_input_grad))
+
+
+def reshape(x, *shape):
+    """View x with a new shape (one -1 allowed): reshape(x, 2, 3) or reshape(x, (2, 3))."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Reshape(shape)(x)
+
+
+def transpose(x, axes=None):
+    """Reverse the axes (axes=None) or permute them, like numpy.transpose."""
+    return Transpose(axes)(x)
+
+
+def flatten(x, start_dim=1):
+    """Merge the axes from start_dim on: (N, C, H, W) -> (N, C*H*W) by default."""
+    shape = getattr(x, "shape", ())
+    return reshape(x, tuple(shape[:start_dim]) + (-1,))
+
+
+def broadcast_to(x, shape):
+    """Broadcast x to `shape` (NumPy rules); the gradient is summed back."""
+    return BroadcastTo(shape)(x)
+
+
+def getitem(x, key):
+    """x[key] with basic indexing (ints, slices, None, Ellipsis)."""
+    return GetItem(key)(x)
+
+
+def concat(tensors, axis=0):
+    """Join tensors along an existing axis, like numpy.concatenate."""
+    if not tensors:
+        raise ValueError("concat: needs at least one tensor")
+    return Concat(axis)(*tensors)

@@ -1,0 +1,340 @@
+"""The autograd core: Tensor, Parameter, Function, the backward engine and grad mode.
+
+Imports only minires.backend (plus one function-local import of minires.ops for the dunders).
+"""
+import contextlib
+import contextvars
+
+import numpy as np
+
+from minires import backend
+
+_grad_enabled = contextvars.ContextVar("minires_grad_enabled", default=True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Context manager: ops run inside it record no graph (thread- and task-local)."""
+    token = _grad_enabled.set(False)
+    try:
+        yield
+    finally:
+        _grad_enabled.reset(token)
+
+
+def is_grad_enabled():
+    """True unless inside `no_grad()`."""
+    return _grad_enabled.get()
+
+
+def _is_float(dtype):
+    return np.issubdtype(dtype, np.floating)
+
+
+def _as_array(data, dtype=None, device=None):
+    """Convert data (array, Tensor, scalar or nested list) to a raw array on `device`."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_cupy_array(data):
+        array = data if dtype is None else data.astype(dtype, copy=False)
+    else:
+        array = np.asarray(data, dtype=dtype)
+        # Python floats default to float32, as in PyTorch; NumPy arrays keep their dtype.
+        if dtype is None and not isinstance(data, np.ndarray) and array.dtype == np.float64:
+            array = array.astype(np.float32)
+    return array if device is None else backend.to_device(array, device)
+
+
+class Tensor:
+    """An array plus what autograd needs: `requires_grad`, `.grad` (raw array) and `creator`."""
+
+    __array_ufunc__ = None  # make `ndarray + Tensor` call Tensor.__radd__, not NumPy
+
+    def __init__(self, data, requires_grad=False, dtype=None, device=None):
+        self.data = _as_array(data, dtype, device)
+        if requires_grad and not _is_float(self.data.dtype):
+            raise TypeError(f"requires_grad=True needs a floating-point tensor, "
+                            f"got dtype {self.data.dtype}")
+        self.requires_grad = bool(requires_grad)
+        self.grad = None  # raw array, accumulated over backward calls
+        self.creator = None  # the Function that produced this tensor (None for leaves)
+        self._hooks = []
+
+    # --- properties -----------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self.creator is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad_fn = f", grad_fn={type(self.creator).__name__}" if self.creator else ""
+        req = ", requires_grad=True" if self.requires_grad and not self.creator else ""
+        body = np.array2string(self.numpy(), precision=4, threshold=20, edgeitems=2)
+        return (f"tensor({body}, shape={self.shape}, dtype={self.dtype}, "
+                f"device={self.device}{req}{grad_fn})")
+
+    # --- conversion -----------------------------------------------------------------------
+    def numpy(self):
+        """The data as a NumPy array (copied to the host if on the GPU)."""
+        return backend.to_device(self.data, "cpu")
+
+    def item(self):
+        """The value of a one-element tensor as a Python number."""
+        if self.size != 1:
+            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements, "
+                             f"expected 1")
+        return self.data.reshape(()).item()
+
+    def detach(self):
+        """A new leaf sharing this tensor's data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """This tensor on `device` ('cpu' | 'cuda'); differentiable, `self` if already there."""
+        from minires import ops
+        return self if self.device == backend.check_device(device) else ops.to_device(self,
+                                                                                       device)
+
+    def register_hook(self, fn):
+        """Call `fn(grad_array)` once this tensor's gradient is fully accumulated in backward.
+
+        A hook that returns an array replaces the gradient passed on.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("register_hook: tensor does not require grad")
+        self._hooks.append(fn)
+        return fn
+
+    # --- backward -------------------------------------------------------------------------
+    def backward(self, gy=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) * gy into every leaf's `.grad` (reverse mode).
+
+        gy defaults to ones for a one-element tensor. The graph is freed afterwards unless
+        `retain_graph=True`; backward through a freed graph raises RuntimeError.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward: tensor does not require grad and has no graph")
+        gy = self._initial_grad(gy)
+        grads = {id(self): gy}  # pending gradients of non-processed tensors, keyed by identity
+        for t in _topological_order(self):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            for hook in t._hooks:
+                replaced = hook(g)
+                g = g if replaced is None else replaced
+            if t.creator is None:
+                _accumulate_leaf(t, g)
+            else:
+                _backward_one(t.creator, g, grads, retain_graph)
+
+    def _initial_grad(self, gy):
+        xp = backend.array_module(self.data)
+        if gy is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward: gradient can be implied only for a one-element "
+                                   f"output, got shape {self.shape}; pass gy")
+            return xp.ones_like(self.data)
+        gy = _as_array(gy, self.dtype)
+        if backend.device_of(gy) != self.device:
+            raise ValueError(f"backward: gy is on {backend.device_of(gy)}, "
+                             f"tensor on {self.device}")
+        if gy.shape != self.shape:
+            raise ValueError(f"backward: gy shape {gy.shape} != tensor shape {self.shape}")
+        return gy
+
+    # --- operators (each calls the functional op) -----------------------------------------
+    def _op(name):
+        def method(self, *args, **kwargs):
+            from minires import ops  # the one documented upward import
+            return getattr(ops, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    def _reflected(name):
+        def method(self, other):
+            from minires import ops
+            return getattr(ops, name)(other, self)
+        return method
+
+    __add__, __sub__, __mul__, __truediv__ = _op("add"), _op("sub"), _op("mul"), _op("div")
+    __matmul__, __pow__, __neg__ = _op("matmul"), _op("pow"), _op("neg")
+    __radd__, __rsub__ = _reflected("add"), _reflected("sub")
+    __rmul__, __rtruediv__ = _reflected("mul"), _reflected("div")
+    __rmatmul__, __rpow__ = _reflected("matmul"), _reflected("pow")
+    __getitem__ = _op("getitem")
+    sum, mean, max = _op("sum"), _op("mean"), _op("max")
+    reshape, flatten = _op("reshape"), _op("flatten")
+    relu, exp, log = _op("relu"), _op("exp"), _op("log")
+    del _op, _reflected
+
+    def transpose(self, *axes):
+        """Reverse or permute axes like numpy.transpose: t.transpose(), t.transpose(1, 0)."""
+        from minires import ops
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return ops.transpose(self, axes or None)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+
+class Parameter(Tensor):
+    """A trainable leaf tensor (requires_grad=True), found by Module.parameters()."""
+
+    def __init__(self, data, dtype=None, device=None):
+        super().__init__(data, requires_grad=True, dtype=dtype, device=device)
+
+
+class Function:
+    """One differentiable op. Subclasses implement forward/backward on raw arrays.
+
+    `forward(*arrays) -> array` and `backward(gy) -> one gradient (or None) per input`.
+    `self.xp` is the array module; `self.needs_input_grad[i]` says if input i needs a gradient.
+    State for backward is saved with `save_for_backward(*arrays)` and read from `self.saved`.
+    A Function holds its inputs, never its output, so graphs have no reference cycles.
+    """
+
+    inputs = ()
+    saved = ()
+    freed = False
+
+    def __call__(self, *inputs):
+        tensors = _as_tensors(inputs, type(self).__name__)
+        self.xp = backend.array_module(*(t.data for t in tensors))
+        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        y = self.forward(*(t.data for t in tensors))
+        record = is_grad_enabled() and any(self.needs_input_grad)
+        out = Tensor(y, requires_grad=record)
+        if record:
+            out.creator = self
+            self.inputs = tuple(tensors)
+        else:
+            self.saved = ()  # nothing will call backward: drop saved state now
+        return out
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    def forward(self, *arrays):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+    def release(self):
+        """Drop saved arrays and input links (after backward, unless retain_graph)."""
+        self.saved, self.inputs, self.freed = (), (), True
+
+
+def _as_tensors(inputs, op_name):
+    """Wrap raw arrays and Python scalars as constant Tensors; reject mixed devices.
+
+    Python scalars take the floating dtype of the other inputs (as in PyTorch).
+    """
+    like = next((x for x in inputs if isinstance(x, Tensor) or hasattr(x, "dtype")), None)
+    dtype = like.dtype if like is not None and _is_float(like.dtype) else None
+    device = backend.device_of(like.data if isinstance(like, Tensor) else like)
+    tensors = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            tensors.append(x)
+        elif isinstance(x, (int, float, bool)):
+            tensors.append(Tensor(_as_array(x, dtype, device)))
+        else:
+            tensors.append(Tensor(x))
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        detail = ", ".join(f"{t.shape} on {t.device}" for t in tensors)
+        raise ValueError(f"{op_name}: inputs are on different devices ({detail}); "
+                         f"move them to one device with .to()")
+    return tensors
+
+
+def _topological_order(root):
+    """Tensors reachable from root that need gradients, root first (iterative DFS).
+
+    Parents are visited in input order, so the order is the same on every run.
+    """
+    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        f = t.creator
+        if f is not None:
+            if f.freed:
+                raise RuntimeError(
+                    f"backward: the graph through {type(f).__name__} was already freed by an "
+                    f"earlier backward; pass retain_graph=True to the first backward to keep it")
+            stack.extend((x, False) for x in reversed(f.inputs)
+                         if x.requires_grad and id(x) not in visited)
+    order.reverse()
+    return order
+
+
+def _accumulate_leaf(t, g):
+    if t.grad is None:
+        t.grad = g.copy()  # copy: g may alias another tensor's gradient or the caller's array
+    else:
+        t.grad += g
+
+
+def _backward_one(f, gy, grads, retain_graph):
+    """Run f.backward(gy), check each gradient, add it to the pending gradient of its input."""
+    name = type(f).__name__
+    with no_grad():
+        gxs = f.backward(gy)
+    gxs = gxs if isinstance(gxs, tuple) else (gxs,)
+    if len(gxs) != len(f.inputs):
+        raise RuntimeError(f"{name}.backward returned {len(gxs)} gradients for "
+                           f"{len(f.inputs)} inputs")
+    for i, (x, gx) in enumerate(zip(f.inputs, gxs)):
+        if gx is None or not x.requires_grad:
+            continue
+        if gx.shape != x.shape:
+            raise RuntimeError(f"{name}.backward: gradient for input {i} has shape {gx.shape}, "
+                               f"expected {x.shape}")
+        if gx.dtype != x.dtype:
+            gx = gx.astype(x.dtype)
+        pending = grads.get(id(x))
+        grads[id(x)] = gx if pending is None else pending + gx
+    if not retain_graph:
+        f.release()
+
+
+# --- constructors --------------------------------------------------------------------------
+def tensor(data, dtype=None, requires_grad=False, device="cpu"):
+    """A new Tensor from an array, scalar or nested list (Python floats become float32)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def _shape(shape):
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+
+def zeros(*shape, dtype=np.float32, requires_grad=False, device="cpu"):
+    """A tensor of zeros: zeros(2, 3) or zeros((2, 3))."""
+    return Tensor(np.zeros(_shape(shape), dtype), requires_grad, device=device)
+
+
+def ones(*shape, dtype=np.float32, requires_grad=False, device="cpu"):
+    """A tensor of ones: ones(2, 3) or ones((2, 3))."""
+    return Tensor(np.ones(_shape(shape), dtype), requires_grad, device=device)
+
+
+def randn(*shape, rng=None, dtype=np.float32, requires_grad=False, device="cpu"):
+    """Standard normal samples drawn on the host from `rng` (a numpy Generator or a seed)."""
+    rng = np.random.default_rng(rng)
+    return Tensor(rng.standard_normal(_shape(shape)).astype(dtype), requires_grad,
+                  device=device)
