@@ -1,2 +1,239 @@
-"""Placeholder until the Numba CPU kernels land: raises ImportError so dispatch uses reference."""
-raise ImportError("kernels.cpu is not implemented yet")
+"""Numba CPU kernels behind kernels/__init__.py: the same names and semantics as
+kernels/reference.py, for float32 and float64 NumPy arrays.
+
+Imports numpy, numba and kernels._cpu_*. The @njit code lives in kernels/_cpu_conv.py and
+kernels/_cpu_eltwise.py; this module computes layouts, owns the reusable scratch buffers and
+returns fresh output arrays (the caller keeps them; only internal scratch is reused).
+Inputs may be non-contiguous: they are copied to C order first, never modified.
+"""
+import collections
+import functools
+import threading
+
+import numba
+import numpy as np
+
+from kernels import _cpu_conv as cc
+from kernels import _cpu_eltwise as ce
+
+__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+           "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
+           "max_pool2d_forward", "max_pool2d_backward"]
+
+_PARALLEL_MIN = 1 << 15  # elementwise arrays smaller than this run on one thread
+
+
+# --- scratch: per-thread padded copies and partial sums, reused across calls --------------
+class _Scratch:
+    """A bounded pool of zero-initialised scratch arrays keyed by (role, shape, dtype).
+
+    `borrow` hands out an array no other call is using (so concurrent Python threads never
+    share one); `give_back` returns it. Arrays handed out stay zero wherever kernels never write
+    (padding), which is why a key must fully determine the written region.
+    """
+
+    def __init__(self, max_keys=48):
+        self._lock = threading.Lock()
+        self._free = collections.OrderedDict()  # key -> list of idle arrays, LRU order
+        self._max_keys = max_keys
+
+    def borrow(self, key, shape, dtype):
+        with self._lock:
+            idle = self._free.get(key)
+            if idle:
+                self._free.move_to_end(key)
+                return idle.pop()
+        return np.zeros(shape, dtype=dtype)
+
+    def give_back(self, key, array):
+        with self._lock:
+            idle = self._free.setdefault(key, [])
+            self._free.move_to_end(key)
+            if len(idle) < 4:
+                idle.append(array)
+            while len(self._free) > self._max_keys:
+                self._free.popitem(last=False)
+
+    def clear(self):
+        """Drop every idle buffer (frees the memory)."""
+        with self._lock:
+            self._free.clear()
+
+
+scratch = _Scratch()
+
+
+def _threads():
+    return numba.get_num_threads()
+
+
+def _chunks_for(n):
+    return _threads() if n >= _PARALLEL_MIN else 1
+
+
+# --- convolution layouts ------------------------------------------------------------------
+_Plan = collections.namedtuple("_Plan", "geo offs size length")
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow):
+    """Layout of the packed buffer (see kernels/_cpu_conv.py): geo, tap offsets, the per-channel
+    buffer size S and the grid length L = oh * wq."""
+    hq, wq = -(-hp // psh), -(-wp // psw)
+    plane = hq * wq
+    geo = np.array([top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow], np.int64)
+    offs = np.array([((i % psh) * psw + j % psw) * plane + (i // psh) * wq + j // psw
+                     for i in range(kh) for j in range(kw)], dtype=np.int64)
+    size = -(-(psh * psw * plane + wq) // 16) * 16  # + one row: garbage columns read past
+    geo.flags.writeable = offs.flags.writeable = False  # shared by every call with this plan
+    return _Plan(geo, offs, size, oh * wq)
+
+
+def _forward_plan(x_shape, kh, kw, stride, padding):
+    """Plan for correlating x with a (kh, kw) kernel: padded, split into stride phases."""
+    (sh, sw), (ph, pw) = stride, padding
+    hp, wp = x_shape[2] + 2 * ph, x_shape[3] + 2 * pw
+    return _plan(kh, kw, ph, pw, 1, 1, sh, sw, hp, wp, (hp - kh) // sh + 1, (wp - kw) // sw + 1)
+
+
+def _chunks(nimg, nout, threads):
+    """Output-channel chunks per image: enough work items to keep every thread busy."""
+    if nimg >= 2 * threads:
+        return 1
+    return max(1, min(-(-nout // 2), -(-2 * threads // nimg)))
+
+
+def _correlate(src, wt, bias, plan, out_shape):
+    """Run cc.correlate over fresh output (N, O, OH, OW) with pooled per-thread scratch."""
+    threads, dtype = _threads(), src.dtype
+    y = np.empty(out_shape, dtype=dtype)
+    bkey = ("pack", src.shape[1], plan.geo.tobytes(), plan.size, dtype.str, threads)
+    akey = ("grid", plan.length, dtype.str, threads)
+    bufs = scratch.borrow(bkey, (threads, src.shape[1], plan.size), dtype)
+    accs = scratch.borrow(akey, (threads, 2, plan.length), dtype)
+    try:
+        cc.correlate(src, wt, bias, plan.geo, plan.offs, y, bufs, accs, threads,
+                     _chunks(src.shape[0], wt.shape[0], threads))
+    finally:
+        scratch.give_back(bkey, bufs)
+        scratch.give_back(akey, accs)
+    return y
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    """y (N, O, OH, OW) = cross-correlation of x (N, C, H, W) with w (O, C, KH, KW) + b."""
+    x = np.ascontiguousarray(x)
+    nout, _, kh, kw = w.shape
+    plan = _forward_plan(x.shape, kh, kw, stride, padding)
+    wt = np.ascontiguousarray(w).reshape(nout, w.shape[1], kh * kw)
+    bias = np.zeros(nout, x.dtype) if b is None else np.ascontiguousarray(b)
+    return _correlate(x, wt, bias, plan, (x.shape[0], nout, plan.geo[11], plan.geo[12]))
+
+
+def conv2d_backward_input(gy, w, x_shape, stride, padding):
+    """gx (N, C, H, W): gy dilated by the stride, padded by K - 1 - padding, correlated with
+    the flipped kernel with in/out channels swapped (a stride-1 convolution)."""
+    gy = np.ascontiguousarray(gy)
+    (sh, sw), (ph, pw) = stride, padding
+    nout, nin, kh, kw = w.shape
+    h, wd = x_shape[2], x_shape[3]
+    plan = _plan(kh, kw, kh - 1 - ph, kw - 1 - pw, sh, sw, 1, 1, h + kh - 1, wd + kw - 1, h, wd)
+    wt = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(nin, nout,
+                                                                                 kh * kw)
+    return _correlate(gy, wt, np.zeros(nin, gy.dtype), plan, tuple(x_shape))
+
+
+def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
+    """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions."""
+    gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
+    nout, nin, kh, kw = w_shape
+    plan = _forward_plan(x.shape, kh, kw, stride, padding)
+    threads, dtype = _threads(), x.dtype
+    gw = np.empty((nout, nin, kh * kw), dtype=dtype)
+    gb = np.empty(nout, dtype=dtype)
+    keys = [("pack", nin, plan.geo.tobytes(), plan.size, dtype.str, threads),
+            ("gygrid", plan.geo.tobytes(), dtype.str, threads),
+            ("parts", nout, nin, kh * kw, dtype.str, threads),
+            ("bparts", nout, dtype.str, threads)]
+    shapes = [(threads, nin, plan.size), (threads, 2, plan.length),
+              (threads, nout + 1, nin, kh * kw), (threads, nout)]
+    arrays = [scratch.borrow(k, s, dtype) for k, s in zip(keys, shapes)]
+    try:
+        cc.weight_grad(gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads,
+                       _chunks(x.shape[0], nout, threads))
+    finally:
+        for k, a in zip(keys, arrays):
+            scratch.give_back(k, a)
+    return gw.reshape(w_shape), (gb if bias else None)
+
+
+# --- elementwise --------------------------------------------------------------------------
+def _flat(a):
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def relu_forward(x):
+    """max(x, 0), a new array of x's shape and dtype."""
+    y = np.empty(x.shape, dtype=x.dtype)
+    ce.relu_forward(_flat(x), y.reshape(-1), _chunks_for(x.size))
+    return y
+
+
+def relu_backward(gy, y):
+    """gy where the forward output y > 0, else 0 (a new array)."""
+    gx = np.empty(gy.shape, dtype=gy.dtype)
+    ce.relu_backward(_flat(gy), _flat(y), gx.reshape(-1), _chunks_for(gy.size))
+    return gx
+
+
+def _alpha_value(alpha, dtype):
+    return dtype.type(1) if alpha is None else dtype.type(np.asarray(alpha).reshape(()))
+
+
+def residual_add_forward(x, fx, alpha, relu):
+    """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
+    y = np.empty(x.shape, dtype=x.dtype)
+    ce.residual_forward(_flat(x), _flat(fx), _alpha_value(alpha, x.dtype), bool(relu),
+                        y.reshape(-1), _chunks_for(x.size))
+    return y
+
+
+def residual_add_backward(gy, y, fx, alpha, relu):
+    """(gx, gfx, galpha) of act(x + alpha * fx) in one pass; galpha None when alpha is None.
+
+    y is read only when relu, fx only when alpha is given.
+    """
+    dtype, chunks = gy.dtype, _chunks_for(gy.size)
+    gx, gfx = np.empty(gy.shape, dtype=dtype), np.empty(gy.shape, dtype=dtype)
+    flat_gy = _flat(gy)
+    parts = np.zeros(chunks, dtype=np.float64)
+    want = alpha is not None
+    ce.residual_backward(flat_gy, _flat(y) if relu else flat_gy, _flat(fx) if want else flat_gy,
+                         _alpha_value(alpha, dtype), bool(relu), want, gx.reshape(-1),
+                         gfx.reshape(-1), parts, chunks)
+    galpha = None
+    if want:
+        galpha = np.asarray(parts.sum(), dtype=alpha.dtype).reshape(alpha.shape)
+    return gx, gfx, galpha
+
+
+# --- max pooling --------------------------------------------------------------------------
+def max_pool2d_forward(x, kernel, stride):
+    """(y (N, C, OH, OW), argmax int32 tap index i * KW + j of each window's first maximum)."""
+    x = np.ascontiguousarray(x)
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x.shape
+    out = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    y, argmax = np.empty(out, dtype=x.dtype), np.empty(out, dtype=np.int32)
+    ce.max_pool_forward(x, kh, kw, sh, sw, y, argmax, _chunks_for(x.size))
+    return y, argmax
+
+
+def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
+    """gx (N, C, H, W): each window's gy added at its argmax (zero elsewhere)."""
+    gy = np.ascontiguousarray(gy)
+    argmax = np.ascontiguousarray(argmax, dtype=np.int32)
+    gx = np.empty(x_shape, dtype=gy.dtype)
+    ce.max_pool_backward(gy, argmax, kernel[1], stride[0], stride[1], gx,
+                         _chunks_for(gx.size))
+    return gx

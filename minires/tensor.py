@@ -27,6 +27,19 @@ def is_grad_enabled():
     return _grad_enabled.get()
 
 
+# An optional observer of every Function call (the profiler, anomaly detection). It wraps
+# forward and backward as `observer.forward(f, arrays) -> y` and `observer.backward(f, gy) ->
+# gxs`. None (the default) costs one global read per op and nothing else.
+_observer = None
+
+
+def set_observer(observer):
+    """Install an op observer (or None to remove it); returns the previous one."""
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
+
+
 def _is_float(dtype):
     return np.issubdtype(dtype, np.floating)
 
@@ -39,8 +52,10 @@ def _as_array(data, dtype=None, device=None):
         array = data if dtype is None else data.astype(dtype, copy=False)
     else:
         array = np.asarray(data, dtype=dtype)
-        # Python floats default to float32, as in PyTorch; NumPy arrays keep their dtype.
-        if dtype is None and not isinstance(data, np.ndarray) and array.dtype == np.float64:
+        # Python floats default to float32, as in PyTorch; NumPy arrays and scalars (a full
+        # reduction returns an np.float64, a subclass of float) keep their dtype.
+        if dtype is None and not isinstance(data, (np.ndarray, np.generic)) \
+                and array.dtype == np.float64:
             array = array.astype(np.float32)
     return array if device is None else backend.to_device(array, device)
 
@@ -208,7 +223,8 @@ class Function:
         tensors = _as_tensors(inputs, type(self).__name__)
         self.xp = backend.array_module(*(t.data for t in tensors))
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        y = self.forward(*(t.data for t in tensors))
+        arrays = tuple(t.data for t in tensors)
+        y = self.forward(*arrays) if _observer is None else _observer.forward(self, arrays)
         record = is_grad_enabled() and any(self.needs_input_grad)
         out = Tensor(y, requires_grad=record)
         if record:
@@ -294,7 +310,7 @@ def _backward_one(f, gy, grads, retain_graph):
     """Run f.backward(gy), check each gradient, add it to the pending gradient of its input."""
     name = type(f).__name__
     with no_grad():
-        gxs = f.backward(gy)
+        gxs = f.backward(gy) if _observer is None else _observer.backward(f, gy)
     gxs = gxs if isinstance(gxs, tuple) else (gxs,)
     if len(gxs) != len(f.inputs):
         raise RuntimeError(f"{name}.backward returned {len(gxs)} gradients for "

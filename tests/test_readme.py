@@ -19,7 +19,7 @@ def test_readme_starts_with_the_two_setup_commands():
 
 def test_ci_runs_exactly_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
-    assert 'pip install --quiet ".[test]" && pytest\n' in ci
+    assert '\npip install ".[test]" && pytest\n' in ci
 
 
 def test_readme_example_runs(capsys):

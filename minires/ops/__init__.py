@@ -15,6 +15,17 @@ from minires.ops.pool import max_pool2d, avg_pool2d, global_avg_pool2d
 from minires.ops.norm import batch_norm
 from minires.ops.residual import residual_add
 
+import kernels as _kernels
+
+# The Functions whose forward/backward run the kernels package (the rest use xp directly).
+KERNEL_OPS = frozenset({"Conv2d", "ReLU", "ResidualAdd", "MaxPool2d"})
+
+
+def kernel_backend(array):
+    """'numba-cpu', 'numba-cuda' or 'reference': the kernels that handle arrays like `array`
+    (for the profiler, which may not import kernels itself)."""
+    return _kernels.backend_name(array)
+
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "to_device",
     "sum", "mean", "max",

@@ -2,18 +2,21 @@
 
 Imports minires.tensor.
 """
+import builtins  # this module defines sum and max, which shadow the builtins
+
 from minires.tensor import Function
 
 
-def _normalize_axis(op, axis, ndim):
+def _normalize_axis(op, axis, shape):
     """axis as a sorted tuple of non-negative ints (all axes for None)."""
+    ndim = len(shape)
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in axes:
-        if not -ndim <= a < max(ndim, 1):
-            raise ValueError(f"{op}: axis {a} out of range for an array of {ndim} dimensions")
-    return tuple(sorted(a % max(ndim, 1) for a in axes))
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"{op}: axis {a} out of range for an array of shape {shape}")
+    return tuple(sorted(a % builtins.max(ndim, 1) for a in axes))
 
 
 def _expand(g, shape, axes):
@@ -28,7 +31,8 @@ class Sum(Function):
 
     def forward(self, x):
         self.shape = x.shape
-        self.axes = _normalize_axis("sum", self.axis, x.ndim)
+        op = type(self).__name__.lower()  # "sum", or "mean" for the subclass
+        self.axes = _normalize_axis(op, self.axis, x.shape)
         return x.sum(axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
@@ -38,7 +42,7 @@ class Sum(Function):
 class Mean(Sum):
     def forward(self, x):
         y = super().forward(x)
-        self.count = max(1, x.size // max(1, y.size)) if x.size else 1
+        self.count = builtins.max(1, x.size // builtins.max(1, y.size)) if x.size else 1
         return y / x.dtype.type(self.count) if x.dtype.kind == "f" else y / self.count
 
     def backward(self, gy):
@@ -50,7 +54,7 @@ class Max(Function):
         self.axis, self.keepdims = axis, keepdims
 
     def forward(self, x):
-        self.axes = _normalize_axis("max", self.axis, x.ndim)
+        self.axes = _normalize_axis("max", self.axis, x.shape)
         if x.size == 0:
             raise ValueError(f"max: cannot reduce an empty array of shape {x.shape}")
         y = x.max(axis=self.axes, keepdims=True)

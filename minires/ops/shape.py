@@ -2,6 +2,8 @@
 
 Imports minires.tensor and minires.ops.arith (for unbroadcast).
 """
+import numbers
+
 from minires.ops.arith import unbroadcast
 from minires.tensor import Function, Tensor
 
@@ -28,7 +30,8 @@ class Transpose(Function):
 
     def forward(self, x):
         axes = tuple(reversed(range(x.ndim))) if self.axes is None else tuple(self.axes)
-        if sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
+        in_range = all(-x.ndim <= a < x.ndim for a in axes)  # % alone would wrap 5 to 1
+        if not in_range or sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
             raise ValueError(f"transpose: axes {axes} are not a permutation of the "
                              f"{x.ndim} axes of shape {x.shape}")
         self.axes = tuple(a % x.ndim for a in axes)
@@ -60,7 +63,8 @@ class BroadcastTo(Function):
 def _check_basic_key(key):
     keys = key if isinstance(key, tuple) else (key,)
     for k in keys:
-        if not (k is None or k is Ellipsis or isinstance(k, (int, slice))):
+        # numbers.Integral: NumPy integer scalars (np.int64 from a loop) are basic too
+        if not (k is None or k is Ellipsis or isinstance(k, (numbers.Integral, slice))):
             raise TypeError(f"getitem: only basic indexing (ints, slices, None, ...) is "
                             f"supported, got {type(k).__name__} in key {key!r}")
 
@@ -89,6 +93,9 @@ class Concat(Function):
 
     def forward(self, *xs):
         ndims = {x.ndim for x in xs}
+        if not -xs[0].ndim <= self.axis < xs[0].ndim:
+            raise ValueError(f"concat: axis {self.axis} out of range for shapes "
+                             f"{[x.shape for x in xs]}")
         rest = {x.shape[:self.axis % x.ndim] + x.shape[self.axis % x.ndim + 1:] for x in xs}
         if len(ndims) != 1 or len(rest) != 1:
             raise ValueError(f"concat: shapes {[x.shape for x in xs]} must match except "

@@ -1,0 +1,15 @@
+"""Layers and skip connections: Module, Sequential, the thin layers and the residual blocks.
+
+Imports minires.ops, minires.tensor and minires.backend (never optim, data or train).
+"""
+from minires.nn.module import Module, Sequential, IncompatibleKeys
+from minires.nn.layers import (Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, GlobalAvgPool2d,
+                               Flatten, BatchNorm2d, Dropout)
+from minires.nn.skip import Residual, ReZero, BasicBlock, Highway, DenseSkip
+
+__all__ = [
+    "Module", "Sequential", "IncompatibleKeys",
+    "Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
+    "BatchNorm2d", "Dropout",
+    "Residual", "ReZero", "BasicBlock", "Highway", "DenseSkip",
+]

@@ -1,0 +1,151 @@
+"""Thin layers: each owns its Parameters and buffers and calls one functional op.
+
+Imports minires.ops, minires.tensor (through nn.module/nn.init) and numpy. Shapes use the
+notation of minires/ops/conv.py. Weights are drawn on the host (see nn.init), then `.to()`.
+"""
+import numpy as np
+
+import minires.ops as F
+from minires.nn import init
+from minires.nn.module import Module
+from minires.ops.conv import pair
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias: x (..., in_features) -> (..., out_features).
+
+    weight (out, in) Kaiming-normal (fan_in = in_features), bias (out,) zeros.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
+        super().__init__()
+        dtype = init.float_dtype(dtype, "Linear")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = init.kaiming_normal((out_features, in_features), in_features,
+                                          init.as_rng(rng), dtype)
+        self.bias = init.zeros((out_features,), dtype) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Conv2d(Module):
+    """2-D convolution: x (N, C, H, W) -> (N, O, OH, OW).
+
+    weight (O, C, KH, KW) Kaiming-normal (fan_in = C*KH*KW), bias (O,) zeros.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 rng=None, dtype=np.float32):
+        super().__init__()
+        dtype = init.float_dtype(dtype, "Conv2d")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = pair("Conv2d", "kernel_size", kernel_size)
+        self.stride = pair("Conv2d", "stride", stride)
+        self.padding = pair("Conv2d", "padding", padding)
+        kh, kw = self.kernel_size
+        self.weight = init.kaiming_normal((out_channels, in_channels, kh, kw),
+                                          in_channels * kh * kw, init.as_rng(rng), dtype)
+        self.bias = init.zeros((out_channels,), dtype) if bias else None
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class ReLU(Module):
+    """max(x, 0), elementwise."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+
+class MaxPool2d(Module):
+    """Max over kernel_size windows; stride defaults to kernel_size (no padding, floor)."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = pair("MaxPool2d", "kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else pair("MaxPool2d", "stride", stride)
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class AvgPool2d(MaxPool2d):
+    """Mean over kernel_size windows; stride defaults to kernel_size (no padding, floor)."""
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride)
+
+
+class GlobalAvgPool2d(Module):
+    """Mean over all spatial positions: (N, C, H, W) -> (N, C)."""
+
+    def forward(self, x):
+        return F.global_avg_pool2d(x)
+
+
+class Flatten(Module):
+    """Merge the axes from start_dim on: (N, C, H, W) -> (N, C*H*W) by default."""
+
+    def __init__(self, start_dim=1):
+        super().__init__()
+        self.start_dim = int(start_dim)
+
+    def forward(self, x):
+        return F.flatten(x, self.start_dim)
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}"
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalisation of (N, C, H, W) (or (N, C)) inputs.
+
+    weight (C,) ones and bias (C,) zeros are Parameters; running_mean (C,) zeros and
+    running_var (C,) ones are buffers, updated in place while training (PyTorch's rule).
+    `.training` is passed explicitly into F.batch_norm.
+    """
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        dtype = init.float_dtype(dtype, "BatchNorm2d")
+        self.num_features, self.momentum, self.eps = int(num_features), momentum, eps
+        self.weight = init.constant((num_features,), 1.0, dtype)
+        self.bias = init.zeros((num_features,), dtype)
+        self.register_buffer("running_mean", np.zeros(num_features, dtype))
+        self.register_buffer("running_var", np.ones(num_features, dtype))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+class Dropout(Module):
+    """Zero each element with probability p while training (mask drawn on the host from rng,
+    so CPU and GPU runs drop the same elements); identity in eval mode."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p, self.rng = float(p), init.as_rng(rng)
+
+    def forward(self, x):
+        return F.dropout(x, self.p, training=self.training, rng=self.rng)
+
+    def extra_repr(self):
+        return f"p={self.p}"

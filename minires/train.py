@@ -1,0 +1,251 @@
+"""Training loops: train_epoch, evaluate and fit (progress bar, metrics CSV, checkpoints,
+bit-identical resume, stop on a non-finite loss).
+
+Imports minires.ops, tensor, backend and checkpoint; models, optimizers and loaders come in as
+arguments (nn, optim, data objects).
+"""
+import csv
+import math
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import minires.ops as F
+from minires import backend, checkpoint
+from minires.tensor import Tensor, no_grad
+
+CSV_FIELDS = ("step", "epoch", "loss", "accuracy", "lr", "x_in", "x_res")
+CHECKPOINT_NAME = "checkpoint.npz"
+_KIND = "minires.train"  # marks a training checkpoint (vs. any file written by minires.save)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; `.step` is the (1-based) step that produced it."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+def train_step(model, x, y, optimizer, scheduler=None, step=None):
+    """One optimisation step on a batch: forward, loss, backward, update, schedule.
+
+    x: (B, ...) device array, y: (B,) int64. Returns (loss float, correct int, lr float),
+    lr being the rate this step used. Raises NonFiniteLoss before touching the weights.
+    """
+    logits = model(Tensor(x))
+    loss = F.cross_entropy(logits, y)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value} at step {step}; training stopped", step)
+    model.zero_grad()
+    loss.backward()
+    lr = current_lr(optimizer)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    correct = int((logits.data.argmax(axis=1) == y).sum())
+    return value, correct, lr
+
+
+def current_lr(optimizer):
+    """The learning rate the optimizer will use for its next step."""
+    return float(optimizer.lr)
+
+
+def _tracked_skip(model):
+    """The model's `.skip` module if it records (x_in, x_res) gradient norms, else None."""
+    skip = getattr(model, "skip", None)
+    return skip if getattr(skip, "track_grad_norms", False) else None
+
+
+def train_epoch(model, loader, optimizer, scheduler=None, *, step=0, on_step=None,
+                progress=None, desc="train"):
+    """Train over the rest of the loader's current epoch (from its saved position).
+
+    on_step(record) is called after every step with a dict of CSV_FIELDS (step is global:
+    `step` + steps taken so far). progress: True shows a tqdm bar on stderr, None only on a
+    terminal, False never. Returns {"loss", "accuracy", "steps", "images", "seconds",
+    "images_per_s"} over the steps taken here.
+    """
+    model.train()
+    skip = _tracked_skip(model)
+    size = len(loader.labels) if hasattr(loader, "labels") else None
+    done = loader.state_dict()["batch"] * loader.batch_size if hasattr(loader, "state_dict") \
+        else 0
+    total_loss, correct, images, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    with tqdm(total=size, initial=min(done, size or 0), unit="img", desc=desc,
+              disable=_disabled(progress), file=sys.stderr, dynamic_ncols=True) as bar:
+        for x, y in loader:
+            epoch = loader.epoch if hasattr(loader, "epoch") else 0
+            n_before = len(skip.grad_norms) if skip is not None else 0
+            loss, ok, lr = train_step(model, x, y, optimizer, scheduler, step + steps + 1)
+            steps, images = steps + 1, images + len(y)
+            total_loss, correct = total_loss + loss * len(y), correct + ok
+            norms = skip.grad_norms[-1] if skip is not None and \
+                len(skip.grad_norms) > n_before else (None, None)
+            if on_step is not None:
+                on_step(dict(step=step + steps, epoch=epoch, loss=loss, accuracy=ok / len(y),
+                             lr=lr, x_in=norms[0], x_res=norms[1]))
+            bar.update(len(y))
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / images:.4f}", refresh=False)
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(images, 1), "accuracy": correct / max(images, 1),
+            "steps": steps, "images": images, "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else float("nan")}
+
+
+def _disabled(progress):
+    return None if progress is None else not progress  # tqdm: None = off when not a TTY
+
+
+def evaluate(model, loader):
+    """Mean cross-entropy and accuracy over every batch of loader, in eval mode, no graph.
+
+    Returns {"loss": float, "accuracy": float}. Restores the model's training flag.
+    """
+    was_training = getattr(model, "training", True)
+    model.eval()
+    total_loss, correct, images = 0.0, 0, 0
+    with no_grad():
+        for x, y in loader:
+            logits = model(Tensor(x))
+            total_loss += F.cross_entropy(logits, y).item() * len(y)
+            correct += int((logits.data.argmax(axis=1) == y).sum())
+            images += len(y)
+    model.train(was_training)
+    return {"loss": total_loss / max(images, 1), "accuracy": correct / max(images, 1)}
+
+
+def _rng_states(model):
+    """Bit-generator states of every numpy Generator a module holds (e.g. Dropout's)."""
+    states = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, np.random.Generator):
+                states[f"{name}.{attr}" if name else attr] = value.bit_generator.state
+    return states
+
+
+def _set_rng_states(model, states):
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            key = f"{name}.{attr}" if name else attr
+            if isinstance(value, np.random.Generator) and key in states:
+                value.bit_generator.state = states[key]
+
+
+def training_state(model, optimizer, scheduler, loader, step, hparams):
+    """Everything a bit-identical resume needs, as a dict for checkpoint.save."""
+    return {"kind": _KIND, "hparams": dict(hparams or {}), "step": int(step),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "loader": loader.state_dict(), "rng": _rng_states(model)}
+
+
+def restore(path, model, optimizer, scheduler, loader, hparams=None):
+    """Load a training checkpoint into the given objects; returns its global step.
+
+    Raises ValueError when the file is not a training checkpoint or its model name (or any
+    other entry of `hparams` the checkpoint also records) differs from this run's.
+    """
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or state.get("kind") != _KIND:
+        raise ValueError(f"resume: {path} is not a minires training checkpoint")
+    saved = state["hparams"]
+    for key, value in (hparams or {}).items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"resume: {path} was written with {key}={saved[key]!r} but this "
+                             f"run has {key}={value!r}")
+    if (state["scheduler"] is None) != (scheduler is None):
+        raise ValueError(f"resume: {path} has {'no ' if state['scheduler'] is None else ''}"
+                         f"scheduler state but this run has "
+                         f"{'one' if scheduler is not None else 'none'}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    _set_rng_states(model, state["rng"])
+    return state["step"]
+
+
+class _Metrics:
+    """metrics.csv in `out`: rows appended per step; on resume, rows after `step` dropped."""
+
+    def __init__(self, path, step):
+        rows = []
+        if step and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        self.file = open(path, "w", newline="", buffering=1)  # line-buffered: tail -f works
+        self.writer = csv.DictWriter(self.file, CSV_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def __call__(self, record):
+        self.writer.writerow({k: "" if record[k] is None else record[k] for k in CSV_FIELDS})
+
+    def close(self):
+        self.file.close()
+
+
+def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None, out=None,
+        checkpoint_every=0, resume=None, hparams=None, progress=None, log=None):
+    """Train for `epochs` epochs (counted by the loader), then evaluate on test_loader.
+
+    out: folder for metrics.csv and checkpoint.npz (None: write nothing). A checkpoint is
+    written every `checkpoint_every` steps (0: never) and at each epoch end, atomically, so
+    the last good one survives a kill or a NaN. resume: a checkpoint path to continue from
+    (bit-identically); `hparams` (model name, optimizer, ...) is stored and checked on resume.
+    log: callable for one-line messages (default: print to stderr).
+    Returns {"step", "train" (last epoch's metrics), "test" (or None), "seconds"}.
+    Raises NonFiniteLoss (with the last checkpoint named in its message) on NaN/inf.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    step = restore(resume, model, optimizer, scheduler, loader, hparams) if resume else 0
+    if resume:
+        log(f"resumed from {resume} at step {step} (epoch {loader.epoch}, batch "
+            f"{loader.batch})")
+    out = pathlib.Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out / "metrics.csv", step) if out is not None else None
+    saved = {"step": step if resume else None}
+    start, train = time.perf_counter(), None
+
+    def save():
+        if out is not None:
+            state = training_state(model, optimizer, scheduler, loader, step, hparams)
+            checkpoint.save(state, out / CHECKPOINT_NAME)
+            saved["step"] = step
+
+    def on_step(record):
+        nonlocal step
+        step = record["step"]
+        if metrics is not None:
+            metrics(record)
+        if checkpoint_every and step % checkpoint_every == 0:
+            save()
+
+    try:
+        while loader.epoch < epochs:
+            train = train_epoch(model, loader, optimizer, scheduler, step=step,
+                                on_step=on_step, progress=progress,
+                                desc=f"epoch {loader.epoch + 1}/{epochs}")
+            if saved["step"] != step:
+                save()
+    except NonFiniteLoss as err:
+        where = (f"last good checkpoint: {out / CHECKPOINT_NAME} (step {saved['step']})"
+                 if saved["step"] is not None else "no checkpoint was written")
+        raise NonFiniteLoss(f"{err}; {where}", err.step) from None
+    finally:
+        if metrics is not None:
+            metrics.close()
+    test = evaluate(model, test_loader) if test_loader is not None else None
+    return {"step": step, "train": train, "test": test, "seconds": time.perf_counter() - start}

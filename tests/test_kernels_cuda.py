@@ -1,0 +1,161 @@
+"""kernels.cuda without a GPU: the simulator suite (in a subprocess), exported names, lazy CuPy,
+NumPy refusal, dispatch, and every kernel compiled to PTX (and linked) for sm_80 and sm_90.
+
+The PTX tests need numba-cuda with its [cu12]/[cu13] extra (NVVM); they skip without it and
+under the simulator, where compile_ptx does not work.
+"""
+import ast
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kernels
+from conftest import REPO
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+CCS = [(8, 0), (9, 0)]
+DTYPES = [np.float32, np.float64]
+
+
+def signatures(dtype):
+    """Launch signature of every kernel in kernels.cuda.KERNELS (C-contiguous arrays)."""
+    f = np.dtype(dtype).name
+    a1, a4, i4 = f"{f}[::1]", f"{f}[:, :, :, ::1]", "int32[:, :, :, ::1]"
+    ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
+    return {
+        "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, {ints}, {a4})",
+        "conv2d_backward_input_kernel": f"void({a4}, {a4}, {ints}, {a4})",
+        "conv2d_backward_weight_kernel": f"void({a4}, {a4}, {ints}, {a4}, {a1})",
+        "relu_forward_kernel": f"void({a1}, {a1})",
+        "relu_backward_kernel": f"void({a1}, {a1}, {a1})",
+        "residual_add_forward_kernel": f"void({a1}, {a1}, {a1}, boolean, boolean, {a1})",
+        "residual_add_backward_kernel":
+            f"void({a1}, {a1}, {a1}, {a1}, boolean, boolean, {a1}, {a1}, {a1})",
+        "sum_kernel": f"void({a1}, {a1})",
+        "max_pool2d_forward_kernel": f"void({a4}, {ints}, {a4}, {i4})",
+        "max_pool2d_backward_kernel": f"void({a4}, {i4}, {ints}, {a4})",
+    }
+
+
+KERNEL_NAMES = list(signatures(np.float32))
+
+
+def _run(args, env_extra, timeout):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_simulator_suite_passes():
+    """tests/cuda_sim under NUMBA_ENABLE_CUDASIM=1, in a fresh process (the mode is fixed when
+    numba.cuda is first imported)."""
+    if SIMULATED:
+        pytest.skip("already under the simulator: tests/cuda_sim runs in this process")
+    proc = _run(["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/cuda_sim"],
+                {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=600)
+    tail = (proc.stdout[-4000:] + proc.stderr[-2000:]).strip()
+    assert proc.returncode != 5, f"-m cuda selected no test in tests/cuda_sim:\n{tail}"
+    assert proc.returncode == 0, f"simulator suite failed:\n{tail}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    if importlib.util.find_spec("numba.cuda") is None:
+        pytest.skip("numba.cuda is not installed: the simulator suite skipped itself")
+    assert passed and int(passed.group(1)) >= 40, f"simulator suite ran too few tests:\n{tail}"
+
+
+def test_exports_exactly_the_public_kernels():
+    """Parsed, not imported: holds even where numba.cuda cannot be imported."""
+    tree = ast.parse((REPO / "kernels" / "cuda.py").read_text())
+    exported = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "__all__" for t in node.targets)]
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert exported and list(exported[0]) == list(kernels.PUBLIC_KERNELS)
+    assert set(kernels.PUBLIC_KERNELS) <= defined
+
+
+@pytest.mark.parametrize("simulator", ["0", "1"])
+def test_import_does_not_import_cupy(simulator):
+    pytest.importorskip("numba.cuda")
+    code = ("import sys, kernels.cuda as kc; assert 'cupy' not in sys.modules, 'cupy imported'; "
+            "print(kc.SIMULATOR)")
+    proc = _run(["-c", code], {"NUMBA_ENABLE_CUDASIM": simulator}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(bool(int(simulator)))
+
+
+@pytest.fixture(scope="module")
+def kc():
+    """kernels.cuda imported in this (non-simulator) process."""
+    if SIMULATED:
+        pytest.skip("needs the real numba.cuda target, not the simulator")
+    pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
+    from kernels import cuda
+    return cuda
+
+
+def test_numpy_arrays_refused_on_the_real_target(kc):
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError, match=r"kernels\.cuda\.relu_forward: expected CuPy"):
+        kc.relu_forward(x)
+    with pytest.raises(TypeError, match=r"kernels\.cuda\.conv2d_forward: expected CuPy"):
+        kc.conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 1, 1)), None, (1, 1), (0, 0))
+
+
+def test_dispatch_sends_device_arrays_to_kernels_cuda(kc):
+    class DeviceArray:  # anything exposing __cuda_array_interface__ counts as a GPU array
+        __cuda_array_interface__ = {}
+
+    assert kernels.backend_for(DeviceArray()) is kc
+    assert kernels.backend_name(DeviceArray()) == "numba-cuda"
+    assert kernels.backend_name(np.zeros(1)) != "numba-cuda"
+
+
+def _probe(x):
+    x[0] = 0
+
+
+@pytest.fixture(scope="module")
+def compiler(kc):
+    """numba.cuda, once a trivial kernel compiles to PTX (needs NVVM: numba-cuda[cu13])."""
+    from numba import cuda
+    try:
+        cuda.compile_ptx(_probe, "void(float32[::1])", cc=(8, 0))
+    except Exception as e:  # NvvmSupportError and friends: no toolkit/wheels here
+        pytest.skip(f"numba.cuda cannot compile PTX here: {type(e).__name__}: {e}")
+    return cuda
+
+
+def test_signature_table_covers_every_kernel(kc):
+    assert sorted(k.__name__ for k in kc.KERNELS) == sorted(KERNEL_NAMES)
+
+
+def _link(ptx, cc):
+    """ptxas the PTX into a cubin with cuda.core's Linker: (registers, lmem bytes) or None."""
+    try:
+        from cuda.core import Linker, LinkerOptions, ObjectCode
+    except ImportError:
+        return None
+    options = LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", verbose=True)
+    linker = Linker(ObjectCode.from_ptx(ptx.encode()), options=options)
+    linker.link("cubin")
+    found = re.search(r"used (\d+) registers.*?(\d+) bytes lmem", linker.get_info_log())
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_kernel_compiles_to_ptx(compiler, kc, name, dtype, cc, record_property):
+    ptx, _ = compiler.compile_ptx(getattr(kc, name).py_func, signatures(dtype)[name], cc=cc)
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx and ".entry" in ptx
+    if dtype == np.float32:  # a stray Python float literal would silently promote to float64
+        f64 = [line.strip() for line in ptx.splitlines() if ".f64" in line]
+        assert not f64, f"{name} float32 PTX has {len(f64)} float64 lines, e.g. {f64[0]!r}"
+    usage = _link(ptx, cc)
+    if usage is not None:
+        record_property("registers", usage[0])
+        assert usage[1] == 0, f"{name} spills to local memory: {usage[1]} bytes lmem"

@@ -1,0 +1,403 @@
+"""The autograd contract (DESIGN.md section 2): backward engine, graph lifetime, hooks, grad mode,
+devices, dtype rules and the Tensor surface, checked against closed forms."""
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+
+import minires as mr
+import minires.ops as F
+from minires import backend
+from minires.tensor import Function
+
+from conftest import tol
+
+
+def leaf(values, dtype=np.float64):
+    return mr.tensor(np.asarray(values, dtype=dtype), requires_grad=True)
+
+
+def close(actual, expected):
+    np.testing.assert_allclose(actual, expected, **tol("fwd_f64"))
+
+
+# --- backward engine ---------------------------------------------------------------------------
+def test_deep_chain_backprops_and_frees_without_recursion_error():
+    x = y = leaf([0.5, -1.0])
+    for _ in range(10_000):
+        y = y * 1.0001
+    y.sum().backward()
+    expected = np.full(2, 1.0001 ** 10_000)
+    close(x.grad, expected)
+    close(y.data, x.data * expected)
+    x = y = leaf([2.0])
+    for _ in range(10_000):
+        y = y + x  # x feeds every node: its gradient is 10,001
+    y.backward(retain_graph=True)
+    assert x.grad.tolist() == [10_001.0]
+    probe = weakref.ref(y.creator)
+    del y  # deallocating a 10,000-deep chain must not overflow the C stack
+    assert probe() is None
+
+
+def _graph(x):
+    """A graph with a diamond, a reused intermediate and two leaves; hooks log the visit order."""
+    log = []
+    w = mr.tensor(np.array([0.3, -0.7, 1.1]), requires_grad=True)
+    a = x * w
+    b = a.exp()
+    c = a * 3.0
+    d = b * c + b / (c * c + 1.0)
+    out = (d * w).sum()
+    for name, t in dict(a=a, b=b, c=c, d=d, out=out).items():
+        t.register_hook(lambda g, name=name: log.append(name))
+    return out, w, log
+
+
+def test_backward_is_deterministic_order_and_values():
+    runs = []
+    for _ in range(2):
+        x = leaf([0.2, -0.4, 0.9])
+        out, w, log = _graph(x)
+        out.backward()
+        runs.append((log, x.grad, w.grad))
+    assert runs[0][0] == runs[1][0]
+    at = runs[0][0].index  # each consumer is finished before its producer (topological order)
+    assert at("out") < at("d") < min(at("b"), at("c")) <= max(at("b"), at("c")) < at("a")
+    np.testing.assert_array_equal(np.stack(runs[0][1:]), np.stack(runs[1][1:]))
+
+
+def test_diamond_graph_accumulates_both_paths():
+    x = leaf([0.5, -1.5, 2.0])
+    ((x * 2.0) * (x * 3.0)).sum().backward()  # 6 x^2: two paths from x meet again
+    close(x.grad, 12 * x.data)
+    x = leaf([0.5, -1.5, 2.0])
+    h = x.exp()
+    (h * h + h).sum().backward()  # one intermediate used three times
+    e = np.exp(x.data)
+    close(x.grad, (2 * e + 1) * e)
+
+
+def test_grad_accumulates_in_place_over_backward_calls():
+    x = leaf([1.0, 2.0, 3.0])
+    (x * x).sum().backward()
+    first = x.grad
+    assert isinstance(first, np.ndarray) and first.shape == x.shape and first.dtype == x.dtype
+    (x * 5.0).sum().backward()
+    assert x.grad is first  # += into the same array
+    close(x.grad, 2 * x.data + 5)
+    x, gy = leaf([1.0, 2.0]), np.array([3.0, 4.0])
+    x.backward(gy)
+    gy[:] = 0  # the leaf's first gradient is a copy, not an alias of the caller's array
+    assert x.grad.tolist() == [3.0, 4.0]
+
+
+def test_grad_is_cast_to_the_input_dtype():
+    x = leaf([1.0, 2.0], dtype=np.float32)
+    y = np.array([2.0, 3.0]) * x  # float64 array * float32 tensor -> float64 output
+    assert y.dtype == np.float64
+    y.sum().backward()
+    assert x.grad.dtype == np.float32 and x.grad.tolist() == [2.0, 3.0]
+
+
+# --- graph lifetime ----------------------------------------------------------------------------
+def _chain():
+    x = leaf([0.1, 0.2, 0.3])
+    a = x * 2.0
+    b = a.exp()
+    y = b.sum()
+    mul = a.creator
+    probes = [weakref.ref(mul), weakref.ref(b.creator), weakref.ref(mul.saved[1])]
+    return x, y, probes
+
+
+def test_graph_is_freed_after_backward():
+    x, y, probes = _chain()
+    assert all(p() is not None for p in probes)  # alive: y holds the whole chain
+    y.backward()
+    # freed by refcounting alone (no cycles): no gc.collect() before the check
+    assert all(p() is None for p in probes)
+    close(x.grad, 2 * np.exp(2 * x.data))
+
+
+def test_second_backward_through_freed_graph_raises():
+    x, y, _ = _chain()
+    y.backward()
+    with pytest.raises(RuntimeError, match=r"(?i)freed.*retain_graph"):
+        y.backward()
+
+
+def test_second_backward_through_shared_freed_part_raises():
+    x = leaf([0.5, 1.0])
+    a = x * 2.0
+    b, c = a.exp().sum(), a.log().sum()
+    b.backward()
+    with pytest.raises(RuntimeError, match="Mul"):
+        c.backward()  # c's own node is intact, but the Mul below it was freed
+
+
+def test_retain_graph_keeps_the_graph_for_a_second_backward():
+    x, y, probes = _chain()
+    y.backward(retain_graph=True)
+    gc.collect()
+    assert all(p() is not None for p in probes)
+    y.backward()
+    close(x.grad, 4 * np.exp(2 * x.data))
+
+
+# --- gradient checks inside the engine ---------------------------------------------------------
+class BrokenDouble(Function):
+    """Deliberately broken y = 2x: its gradient loses the last element, or comes twice."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def forward(self, x):
+        return x * 2
+
+    def backward(self, gy):
+        return gy[:-1] * 2 if self.fault == "shape" else (gy * 2, gy * 2)
+
+
+def test_gradient_shape_and_count_are_checked_naming_the_op():
+    y = BrokenDouble("shape")(leaf([1.0, 2.0, 3.0]))
+    with pytest.raises(RuntimeError, match=r"BrokenDouble.*\(2,\).*\(3,\)"):
+        y.sum().backward()
+    y = BrokenDouble("count")(leaf([1.0]))
+    with pytest.raises(RuntimeError, match="BrokenDouble.*2 gradients for 1 input"):
+        y.backward()
+
+
+def test_backward_argument_errors():
+    y = leaf([1.0, 2.0]) * 2.0
+    with pytest.raises(RuntimeError, match=r"\(2,\)"):
+        y.backward()  # a non-scalar needs gy
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
+        y.backward(np.ones(3))
+    with pytest.raises(RuntimeError, match="require"):
+        mr.tensor([1.0, 2.0]).sum().backward()
+
+
+@pytest.mark.parametrize("wrap", [np.asarray, mr.tensor], ids=["array", "tensor"])
+def test_backward_accepts_gy_as_array_or_tensor(wrap):
+    x = leaf([1.0, 2.0, 3.0])
+    (x * x).backward(wrap(np.array([1.0, 0.5, -1.0])))
+    close(x.grad, [2.0, 2.0, -6.0])
+
+
+# --- hooks -------------------------------------------------------------------------------------
+def test_hook_sees_the_fully_accumulated_gradient_once():
+    x = leaf([1.0, -2.0, 0.5])
+    a = x * 3.0
+    seen_a, seen_x = [], []
+    a.register_hook(lambda g: seen_a.append(g.copy()))
+    x.register_hook(lambda g: seen_x.append(g.copy()))
+    ((a * a).sum() + a.sum() + (x * 4.0).sum()).backward()
+    assert len(seen_a) == 1 and len(seen_x) == 1
+    close(seen_a[0], 2 * a.data + 1)
+    close(seen_x[0], 3 * (2 * a.data + 1) + 4)
+    close(x.grad, seen_x[0])
+
+
+def test_hook_returning_an_array_replaces_the_gradient():
+    x = leaf([1.0, 2.0])
+    a = x * 3.0
+    a.register_hook(lambda g: np.ones_like(g))  # pretend dL/da = 1
+    x.register_hook(lambda g: 2 * g)
+    (a * a).sum().backward()
+    close(x.grad, [6.0, 6.0])
+    with pytest.raises(RuntimeError, match="register_hook"):
+        mr.tensor([1.0]).register_hook(print)
+
+
+# --- grad mode ---------------------------------------------------------------------------------
+def test_no_grad_records_nothing():
+    x = leaf([1.0, 2.0])
+    with mr.no_grad():
+        assert not mr.is_grad_enabled()
+        y = x * 2.0 + 1.0
+    assert mr.is_grad_enabled()
+    assert y.creator is None and not y.requires_grad and y.is_leaf
+    assert y.data.tolist() == [3.0, 5.0]
+    with pytest.raises(ZeroDivisionError):
+        with mr.no_grad():
+            1 / 0
+    assert mr.is_grad_enabled()
+
+
+def test_no_grad_is_local_to_a_thread():
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with mr.no_grad():
+            seen["worker"] = mr.is_grad_enabled()
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        # the worker is inside no_grad right now; this thread still records graphs
+        y = leaf([1.0]) * 2.0
+        assert mr.is_grad_enabled() and y.creator is not None
+    finally:
+        release.set()
+        thread.join()
+    assert seen["worker"] is False
+
+
+# --- dtypes and devices ------------------------------------------------------------------------
+def test_dtype_rules():
+    with pytest.raises(TypeError, match="int64"):
+        mr.tensor([1, 2, 3], requires_grad=True)  # only floating tensors can require grad
+    with pytest.raises(TypeError):
+        mr.Parameter(np.arange(3))
+    for dtype in (np.float32, np.float64):  # Python scalars adopt the tensor's dtype
+        t = mr.tensor(np.array([1.0, 2.0], dtype=dtype))
+        assert all(y.dtype == dtype for y in (t + 1, t * 2.5, 2 - t, 3.0 / t, t ** 2, 2 ** t))
+    assert mr.tensor([1.0, 2.0]).dtype == np.float32  # Python floats -> float32
+    assert mr.tensor(2.5).dtype == np.float32
+    assert mr.tensor([1, 2]).dtype == np.int64
+    assert mr.tensor(np.zeros(2)).dtype == np.float64  # NumPy arrays keep their dtype
+    assert mr.tensor([1, 2], dtype=np.float64).dtype == np.float64
+
+
+def test_mixed_devices_rejected_naming_the_op(monkeypatch):
+    fake, real = np.ones(3), backend.device_of  # pretend this one host array lives on a GPU
+    monkeypatch.setattr(backend, "device_of", lambda a: "cuda" if a is fake else real(a))
+    on_gpu, on_cpu = mr.Tensor(fake), mr.Tensor(np.ones(3))  # device=None: no transfer
+    assert on_gpu.device == "cuda" and on_cpu.device == "cpu"
+    with pytest.raises(ValueError, match=r"^Add: .*cuda.*cpu"):
+        on_gpu + on_cpu
+    with pytest.raises(ValueError, match=r"^MatMul: "):
+        F.matmul(on_cpu, on_gpu)
+
+
+@pytest.mark.gpu
+def test_mixed_devices_rejected_on_a_real_gpu():
+    if not backend.cupy_available():
+        pytest.skip("no usable GPU/CuPy")
+    x = mr.tensor(np.ones(3), device="cuda")
+    with pytest.raises(ValueError, match=r"^Mul: "):
+        x * mr.tensor(np.ones(3))
+    y = leaf([1.0, 2.0, 3.0]).to("cuda")
+    with pytest.raises(ValueError, match="backward"):
+        y.backward(np.ones(3))
+
+
+def test_to_device():
+    t = mr.tensor([1.0])
+    assert t.to("cpu") is t
+    with pytest.raises(ValueError, match="tpu"):
+        t.to("tpu")
+    if not backend.cupy_available():
+        with pytest.raises(RuntimeError, match="cuda"):  # a clear message, not a CuPy trace
+            t.to("cuda")
+
+
+# --- operators -------------------------------------------------------------------------------
+ARR = np.array([[1.5, -2.0], [0.5, 3.0]])
+# expression (works on a Tensor and on an ndarray alike) -> d sum(expr) / dv in closed form
+OPERATORS = {
+    "2 - t": (lambda t: 2 - t, lambda v: -1 + 0 * v),
+    "2 + t": (lambda t: 2 + t, lambda v: 1 + 0 * v),
+    "3 * t": (lambda t: 3 * t, lambda v: 3 + 0 * v),
+    "2 / t": (lambda t: 2 / t, lambda v: -2 / v ** 2),
+    "2 ** t": (lambda t: 2 ** t, lambda v: 2 ** v * np.log(2)),
+    "-t": (lambda t: -t, lambda v: -1 + 0 * v),
+    "t ** 3": (lambda t: t ** 3, lambda v: 3 * v ** 2),
+    "t - 1.5 / t": (lambda t: t - 1.5 / t, lambda v: 1 + 1.5 / v ** 2),
+    "arr * t": (lambda t: ARR * t, lambda v: ARR),
+    "arr - t": (lambda t: ARR - t, lambda v: -1 + 0 * v),
+    "arr + t": (lambda t: ARR + t, lambda v: 1 + 0 * v),
+    "arr / t": (lambda t: ARR / t, lambda v: -ARR / v ** 2),
+    "arr @ t": (lambda t: ARR @ t, lambda v: ARR.sum(0)[:, None] + 0 * v),
+    "t @ arr": (lambda t: t @ ARR, lambda v: ARR.sum(1)[None, :] + 0 * v),
+    "t * t / t": (lambda t: t * t / t, lambda v: 1 + 0 * v),
+}
+
+
+@pytest.mark.parametrize("expr", OPERATORS)
+def test_operators_and_reflected_operators(expr):
+    fn, deriv = OPERATORS[expr]
+    v = np.array([[0.5, 1.25], [2.0, 0.75]])
+    t = leaf(v)
+    y = fn(t)
+    assert isinstance(y, mr.Tensor) and y.creator is not None
+    close(y.data, fn(v))
+    y.sum().backward()
+    close(t.grad, deriv(v))
+
+
+# --- surface -----------------------------------------------------------------------------------
+def test_properties_and_repr():
+    t = mr.tensor(np.zeros((2, 3, 4), np.float32), requires_grad=True)
+    assert (t.shape, t.ndim, t.size, t.dtype, t.device, t.is_leaf, len(t)) == (
+        (2, 3, 4), 3, 24, np.float32, "cpu", True, 2)
+    assert not (t * 2).is_leaf
+    t = leaf([1.0, 2.0], dtype=np.float32)
+    r = repr(t)
+    assert r.startswith("tensor(") and "shape=(2,)" in r and "float32" in r
+    assert "requires_grad=True" in r
+    assert "grad_fn=Mul" in repr(t * 2)
+    assert len(repr(mr.zeros(1000, 1000))) < 400
+
+
+def test_item_numpy_detach():
+    assert mr.tensor([[2.5]]).item() == 2.5 and isinstance(mr.tensor([[2.5]]).item(), float)
+    with pytest.raises(ValueError, match=r"item.*\(2,\)"):
+        mr.tensor([1.0, 2.0]).item()
+    y = leaf([1.0, 2.0]) * 2.0
+    a = y.numpy()
+    assert isinstance(a, np.ndarray) and a.tolist() == [2.0, 4.0]
+    d = y.detach()
+    assert d.data is y.data and d.creator is None and not d.requires_grad
+
+
+def test_shape_methods():
+    v = np.arange(24.0).reshape(2, 3, 4)
+    t = leaf(v)
+    assert t.T.shape == (4, 3, 2) and np.array_equal(t.T.data, v.T)
+    assert np.array_equal(t.transpose(1, 0, 2).data, v.transpose(1, 0, 2))
+    assert np.array_equal(t.transpose((2, 0, 1)).data, v.transpose(2, 0, 1))
+    assert t.transpose().shape == (4, 3, 2)
+    assert t.flatten().shape == (2, 12) and t.flatten(0).shape == (24,)
+    assert t.reshape(4, 6).shape == (4, 6) and t.reshape((6, -1)).shape == (6, 4)
+    assert np.array_equal(t[1, :, 2].data, v[1, :, 2])
+    w = np.random.default_rng(0).standard_normal((4, 3, 2))
+    (t.T * w).sum().backward()
+    close(t.grad, w.T)
+
+
+def test_reduction_and_elementwise_methods():
+    v = np.array([[1.0, 5.0, -2.0], [4.0, 0.5, 3.0]])
+    t = mr.tensor(v)
+    assert t.sum().item() == 11.5 and t.mean().item() == 11.5 / 6 and t.max().item() == 5.0
+    close(t.sum(axis=0).data, v.sum(0))
+    close(t.max(axis=1, keepdims=True).data, [[5.0], [4.0]])
+    close(t.exp().data, np.exp(v))
+    close(t.relu().data, np.maximum(v, 0))
+    close((t * t + 1).log().data, np.log(v * v + 1))
+
+
+def test_constructors():
+    for make, value in ((mr.zeros, 0.0), (mr.ones, 1.0)):
+        a, b = make(2, 3), make((2, 3), dtype=np.float64, requires_grad=True)
+        assert a.shape == b.shape == (2, 3) and a.dtype == np.float32 and b.dtype == np.float64
+        assert np.all(a.data == value) and b.requires_grad and not a.requires_grad
+    r = mr.randn(3, 4, rng=np.random.default_rng(7))
+    expected = np.random.default_rng(7).standard_normal((3, 4)).astype(np.float32)
+    assert r.dtype == np.float32 and np.array_equal(r.data, expected)
+    assert np.array_equal(mr.randn((3, 4), rng=7).data, expected)
+    assert mr.randn(5, rng=1, dtype=np.float64).dtype == np.float64
+
+
+def test_hashing_is_by_identity():
+    a, b = mr.tensor([1.0]), mr.tensor([1.0])
+    assert hash(a) == object.__hash__(a)
+    assert len({a, b}) == 2 and {a: 1, b: 2}[a] == 1
+    assert a in {a} and b not in {a}
+
