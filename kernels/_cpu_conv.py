@@ -19,10 +19,9 @@ GEO_FIELDS = ("top", "left", "dh", "dw", "psh", "psw", "hq", "wq", "plane", "hp"
 
 
 @njit(cache=True, nogil=True)
-def pack(src, n, buf, geo):
-    """Copy src[n] (C, H, W) into the padded, phase-split buffer buf (C, S) (see module doc).
-
-    Positions never written (padding, dilation holes) keep the zeros they were created with.
+def pack(src, n, buf, base, geo):
+    """Copy src[n] (C, H, W) into buf[:, base:] (C, S), padded and split into phases (see
+    the module doc). Positions never written keep the zeros they were created with.
     """
     top, left, dh, dw, psh, psw, wq, plane, hp, wp = (geo[0], geo[1], geo[2], geo[3], geo[4],
                                                       geo[5], geo[7], geo[8], geo[9], geo[10])
@@ -33,15 +32,27 @@ def pack(src, n, buf, geo):
             r = top + h * dh
             if r < 0 or r >= hp:
                 continue
-            base = (r % psh) * psw * plane + (r // psh) * wq
+            at = base + (r % psh) * psw * plane + (r // psh) * wq
             if psw == 1 and dw == 1:
                 if w1 > w0:
-                    buf[c, base + left + w0:base + left + w1] = src[n, c, h, w0:w1]
+                    buf[c, at + left + w0:at + left + w1] = src[n, c, h, w0:w1]
                 continue
             for w in range(width):
                 q = left + w * dw
                 if 0 <= q < wp:
-                    buf[c, base + (q % psw) * plane + q // psw] = src[n, c, h, w]
+                    buf[c, at + (q % psw) * plane + q // psw] = src[n, c, h, w]
+
+
+@njit(cache=True, nogil=True)
+def _block(src, blk, buf, geo):
+    """Pack the images of block blk (geo[14] images, geo[13] apart); return (first, count,
+    grid length rounded up to 16 so the vector loops have no scalar tail)."""
+    nb, img = geo[14], geo[13]
+    n0 = blk * nb
+    cnt = min(nb, src.shape[0] - n0)
+    for b in range(cnt):
+        pack(src, n0 + b, buf, b * img, geo)
+    return n0, cnt, ((cnt - 1) * img + geo[11] * geo[7] + 15) // 16 * 16
 
 
 @njit(cache=True, nogil=True, fastmath=_FMA)

@@ -4,6 +4,7 @@ Autograd over NumPy (CPU) and CuPy (GPU) arrays with hand-written Numba kernels.
 """
 from minires.tensor import Tensor, Parameter, Function, no_grad, is_grad_enabled
 from minires.tensor import tensor, zeros, ones, randn
-from minires import ops
+from minires import ops, nn, optim, models
+from minires.checkpoint import save, load
 
 __version__ = "0.1.0"

@@ -107,8 +107,8 @@ def test_unary_forward_and_gradcheck(xp, rng, name, dtype):
 
 
 def test_pow_gradient_at_zero_base(xp):
-    a = mr.tensor(xp.asarray([0.0, 2.0]), requires_grad=True)
-    b = mr.tensor(xp.asarray([2.0, 3.0]), requires_grad=True)
+    a = mr.Tensor(xp.asarray([0.0, 2.0]), requires_grad=True)
+    b = mr.Tensor(xp.asarray([2.0, 3.0]), requires_grad=True)
     F.pow(a, b).sum().backward()
     np.testing.assert_allclose(to_numpy(a.grad), [0.0, 12.0], **tol("fwd_f64"))
     np.testing.assert_allclose(to_numpy(b.grad), [0.0, 8 * np.log(2.0)], **tol("fwd_f64"))
@@ -140,7 +140,7 @@ def test_reduction_gradcheck(xp, rng, name, axis, keepdims):
 
 
 def test_max_splits_gradient_among_ties(xp):
-    x = mr.tensor(xp.asarray([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]), requires_grad=True)
+    x = mr.Tensor(xp.asarray([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]), requires_grad=True)
     F.max(x, axis=1).backward(xp.asarray([1.0, 6.0]))
     np.testing.assert_allclose(to_numpy(x.grad), [[0, 0.5, 0.5], [2, 2, 2]], **tol("fwd_f64"))
 
