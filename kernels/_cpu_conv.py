@@ -1,27 +1,31 @@
 """Numba @njit convolution kernels on a flat "grid" layout; kernels/cpu.py prepares the inputs.
 
-Imports numpy and numba only. Each image is copied into a zero-padded per-thread buffer (split
-into stride phases), so every kernel tap is one long contiguous loop over the output grid.
+Imports numba only. Images are copied into a zero-padded per-thread buffer (split into stride
+phases), so every kernel tap is one long contiguous loop over the output grid.
 
-Layout (geo, an int64 array, see kernels/cpu.py): source pixel (h, w) lands at padded row
-r = top + h*dh, column q = left + w*dw (dropped outside [0, hp) x [0, wp)), in phase plane
-((r % psh) * psw + q % psw) at position (r // psh) * wq + q // psw. A tap (i, j) is the flat
-offset offs[t]; output (oh, ow) is grid position oh * wq + ow. Columns ow >= OW are garbage.
+Layout (geo, an int64 array built by kernels/cpu.py, fields below): source pixel (h, w) of
+image b of a block lands at padded row r = top + h*dh, column q = left + w*dw (dropped outside
+[0, hp) x [0, wp)), in phase plane (r % psh) * psw + q % psw at flat position
+b*img + plane_index*plane + (r // psh)*wq + q // psw. Tap t reads offset offs[t] from the grid
+position b*img + oh*wq + ow of output (oh, ow); the other grid positions are garbage (never
+emitted; zero in the gy grid of the weight gradient). Small images are stacked nb to a block
+so that the loops stay long.
 """
-import numpy as np
 from numba import njit, prange
 
 # Forward sums are evaluated in a fixed order (contract only allows FMA); the weight gradient is
 # a reduction over positions, which vectorises only when it may be reassociated.
 _FMA = {"contract"}
 _REDUCE = {"contract", "reassoc", "nsz"}
-GEO_FIELDS = ("top", "left", "dh", "dw", "psh", "psw", "hq", "wq", "plane", "hp", "wp", "oh", "ow")
+GEO_FIELDS = ("top", "left", "dh", "dw", "psh", "psw", "hq", "wq", "plane", "hp", "wp", "oh",
+              "ow", "img", "nb")
 
 
 @njit(cache=True, nogil=True)
 def pack(src, n, buf, base, geo):
-    """Copy src[n] (C, H, W) into buf[:, base:] (C, S), padded and split into phases (see
-    the module doc). Positions never written keep the zeros they were created with.
+    """Copy src[n] (C, H, W) into buf[:, base:] (C, S), padded and split into phases.
+
+    Positions never written keep the zeros they were created with.
     """
     top, left, dh, dw, psh, psw, wq, plane, hp, wp = (geo[0], geo[1], geo[2], geo[3], geo[4],
                                                       geo[5], geo[7], geo[8], geo[9], geo[10])
@@ -44,36 +48,40 @@ def pack(src, n, buf, base, geo):
 
 
 @njit(cache=True, nogil=True)
-def _block(src, blk, buf, geo):
-    """Pack the images of block blk (geo[14] images, geo[13] apart); return (first, count,
-    grid length rounded up to 16 so the vector loops have no scalar tail)."""
+def _block(nimg, blk, geo):
+    """(first image, image count, grid length) of block blk; the length is rounded up to 16
+    so the vector loops have no scalar tail (the buffers have room for it)."""
     nb, img = geo[14], geo[13]
     n0 = blk * nb
-    cnt = min(nb, src.shape[0] - n0)
-    for b in range(cnt):
-        pack(src, n0 + b, buf, b * img, geo)
+    cnt = min(nb, nimg - n0)
     return n0, cnt, ((cnt - 1) * img + geo[11] * geo[7] + 15) // 16 * 16
+
+
+@njit(cache=True, nogil=True)
+def _pack_block(src, n0, cnt, buf, geo):
+    for b in range(cnt):
+        pack(src, n0 + b, buf, b * geo[13], geo)
 
 
 @njit(cache=True, nogil=True, fastmath=_FMA)
 def _taps9(x, k, wa, wb, a0, a1, length):
     """a0[p] += sum_t wa[t] x[k[t] + p], a1 likewise with wb, for 9 taps t in one pass.
 
-    The weights (18 scalars) and both accumulators stay in registers across the taps.
+    The 18 weights stay in registers; the sum is split in two chains to halve its latency.
     """
     x0, x1, x2, x3, x4 = x[k[0]:], x[k[1]:], x[k[2]:], x[k[3]:], x[k[4]:]
     x5, x6, x7, x8 = x[k[5]:], x[k[6]:], x[k[7]:], x[k[8]:]
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = wa[0], wa[1], wa[2], wa[3], wa[4], wa[5], wa[6], \
-        wa[7], wa[8]
-    q0, q1, q2, q3, q4, q5, q6, q7, q8 = wb[0], wb[1], wb[2], wb[3], wb[4], wb[5], wb[6], \
-        wb[7], wb[8]
+    p0, p1, p2, p3, p4, p5, p6, p7, p8 = (wa[0], wa[1], wa[2], wa[3], wa[4], wa[5], wa[6],
+                                          wa[7], wa[8])
+    q0, q1, q2, q3, q4, q5, q6, q7, q8 = (wb[0], wb[1], wb[2], wb[3], wb[4], wb[5], wb[6],
+                                          wb[7], wb[8])
     for p in range(length):
         v0, v1, v2, v3, v4 = x0[p], x1[p], x2[p], x3[p], x4[p]
         v5, v6, v7, v8 = x5[p], x6[p], x7[p], x8[p]
-        a0[p] += (p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3 + p4 * v4 + p5 * v5 + p6 * v6
-                  + p7 * v7 + p8 * v8)
-        a1[p] += (q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3 + q4 * v4 + q5 * v5 + q6 * v6
-                  + q7 * v7 + q8 * v8)
+        a0[p] = ((a0[p] + p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3)
+                 + (p4 * v4 + p5 * v5 + p6 * v6 + p7 * v7 + p8 * v8))
+        a1[p] = ((a1[p] + q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3)
+                 + (q4 * v4 + q5 * v5 + q6 * v6 + q7 * v7 + q8 * v8))
 
 
 @njit(cache=True, nogil=True, fastmath=_FMA)
@@ -102,10 +110,13 @@ def _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length):
 
 
 @njit(cache=True, nogil=True)
-def _emit(acc, y, n, o, wq):
-    """y[n, o, i, j] = acc[i * wq + j]: the valid columns of one grid."""
-    for i in range(y.shape[2]):
-        y[n, o, i, :] = acc[i * wq:i * wq + y.shape[3]]
+def _emit(acc, y, n0, cnt, o, geo):
+    """y[n0 + b, o, i, j] = acc[b*img + i*wq + j]: the valid grid positions of a block."""
+    wq, img, ow = geo[7], geo[13], y.shape[3]
+    for b in range(cnt):
+        for i in range(y.shape[2]):
+            at = b * img + i * wq
+            y[n0 + b, o, i, :] = acc[at:at + ow]
 
 
 @njit(cache=True, parallel=True)
@@ -113,29 +124,28 @@ def correlate(src, wt, bias, geo, offs, y, bufs, accs, threads, chunks):
     """y[n, o] = bias[o] + sum_{c,t} wt[o, c, t] * packed(src[n])[c, offs[t] + grid].
 
     src (N, C, H, W), wt (O, C, T), bias (O,), y (N, O, OH, OW). bufs (threads, C, S) and
-    accs (threads, 2, L) are per-thread scratch. Work items are (image, chunk of output
-    channels), split statically over `threads`; each thread packs an image once per run.
+    accs (threads, 2, L) are per-thread scratch. Work items are (block of images, chunk of
+    output channels), split statically over `threads`; a thread packs a block once per run.
     """
-    nimg, nout, wq = src.shape[0], wt.shape[0], geo[7]
-    length = y.shape[2] * wq
-    tasks = nimg * chunks
+    nimg, nout = src.shape[0], wt.shape[0]
+    tasks = -(-nimg // geo[14]) * chunks
     per = ((nout + chunks - 1) // chunks + 1) // 2 * 2  # even: pairs never straddle chunks
     for th in prange(threads):
         buf, a0, a1 = bufs[th], accs[th, 0], accs[th, 1]
         last = -1
         for task in range(th * tasks // threads, (th + 1) * tasks // threads):
-            n = task // chunks
-            if n != last:
-                pack(src, n, buf, geo)
-                last = n
+            n0, cnt, length = _block(nimg, task // chunks, geo)
+            if task // chunks != last:
+                _pack_block(src, n0, cnt, buf, geo)
+                last = task // chunks
             lo = (task % chunks) * per
             for o0 in range(lo, min(lo + per, nout), 2):
                 o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
                 a0[:length] = bias[o0]
                 a1[:length] = bias[o1]
                 _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length)
-                _emit(a0, y, n, o0, wq)
-                _emit(a1, y, n, o1, wq)
+                _emit(a0, y, n0, cnt, o0, geo)
+                _emit(a1, y, n0, cnt, o1, geo)
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
@@ -150,42 +160,16 @@ def _dot9(x, k, g0, g1, s0, s1, length):
         u, w = g0[p], g1[p]
         v0, v1, v2, v3, v4 = x0[p], x1[p], x2[p], x3[p], x4[p]
         v5, v6, v7, v8 = x5[p], x6[p], x7[p], x8[p]
-        a0 += u * v0
-        a1 += u * v1
-        a2 += u * v2
-        a3 += u * v3
-        a4 += u * v4
-        a5 += u * v5
-        a6 += u * v6
-        a7 += u * v7
-        a8 += u * v8
-        b0 += w * v0
-        b1 += w * v1
-        b2 += w * v2
-        b3 += w * v3
-        b4 += w * v4
-        b5 += w * v5
-        b6 += w * v6
-        b7 += w * v7
-        b8 += w * v8
-    s0[0] += a0
-    s0[1] += a1
-    s0[2] += a2
-    s0[3] += a3
-    s0[4] += a4
-    s0[5] += a5
-    s0[6] += a6
-    s0[7] += a7
-    s0[8] += a8
-    s1[0] += b0
-    s1[1] += b1
-    s1[2] += b2
-    s1[3] += b3
-    s1[4] += b4
-    s1[5] += b5
-    s1[6] += b6
-    s1[7] += b7
-    s1[8] += b8
+        a0, a1, a2, a3, a4 = a0 + u * v0, a1 + u * v1, a2 + u * v2, a3 + u * v3, a4 + u * v4
+        a5, a6, a7, a8 = a5 + u * v5, a6 + u * v6, a7 + u * v7, a8 + u * v8
+        b0, b1, b2, b3, b4 = b0 + w * v0, b1 + w * v1, b2 + w * v2, b3 + w * v3, b4 + w * v4
+        b5, b6, b7, b8 = b5 + w * v5, b6 + w * v6, b7 + w * v7, b8 + w * v8
+    s0[0], s0[1], s0[2], s0[3], s0[4] = s0[0] + a0, s0[1] + a1, s0[2] + a2, s0[3] + a3, \
+        s0[4] + a4
+    s0[5], s0[6], s0[7], s0[8] = s0[5] + a5, s0[6] + a6, s0[7] + a7, s0[8] + a8
+    s1[0], s1[1], s1[2], s1[3], s1[4] = s1[0] + b0, s1[1] + b1, s1[2] + b2, s1[3] + b3, \
+        s1[4] + b4
+    s1[5], s1[6], s1[7], s1[8] = s1[5] + b5, s1[6] + b6, s1[7] + b7, s1[8] + b8
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
@@ -199,7 +183,7 @@ def _dot1(x, k, g0, g1, length):
     return a, b
 
 
-@njit(cache=True, nogil=True, fastmath=_REDUCE)
+@njit(cache=True, nogil=True)
 def _weight_pair(buf, g0, g1, offs, s0, s1, length):
     """s0[c, t] += sum_p g0[p] buf[c, offs[t] + p] and s1 likewise with g1, for all c, t."""
     ntaps = offs.shape[0]
@@ -216,15 +200,20 @@ def _weight_pair(buf, g0, g1, offs, s0, s1, length):
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _grid_rows(gy, n, o, grid, wq):
-    """Copy gy[n, o] (OH, OW) into grid rows of width wq (the other columns stay zero);
-    return its sum (the bias gradient contribution)."""
+def _gy_grid(gy, n0, cnt, o, grid, length, geo):
+    """Copy gy[n0:n0+cnt, o] onto the block grid (other positions zero up to `length`, the
+    tail may hold a previous, larger block); return its sum (for the bias gradient)."""
+    wq, img = geo[7], geo[13]
     s = grid.dtype.type(0)
-    for i in range(gy.shape[2]):
-        row = gy[n, o, i]
-        grid[i * wq:i * wq + gy.shape[3]] = row
-        for j in range(gy.shape[3]):
-            s += row[j]
+    end = (cnt - 1) * img + gy.shape[2] * wq
+    grid[end:length] = 0
+    for b in range(cnt):
+        for i in range(gy.shape[2]):
+            row = gy[n0 + b, o, i]
+            at = b * img + i * wq
+            grid[at:at + gy.shape[3]] = row
+            for j in range(gy.shape[3]):
+                s += row[j]
     return s
 
 
@@ -234,38 +223,32 @@ def weight_grad(gy, src, geo, offs, gw, gb, bufs, grids, parts, bparts, threads,
     sum gy[n, o].
 
     gy (N, O, OH, OW), src (N, C, H, W), gw (O, C, T), gb (O,). Scratch: bufs (threads, C, S),
-    grids (threads, 2, L) zero outside the OW columns, parts (threads, O + 1, C, T) and
+    grids (threads, 2, L) zero outside the valid positions, parts (threads, O + 1, C, T) and
     bparts (threads, O) per-thread partial sums (parts[:, O] absorbs the dummy channel of an
-    odd pair), reduced at the end: no atomics.
+    odd O), reduced at the end: no atomics.
     """
-    nimg, nout, wq = gy.shape[0], gy.shape[1], geo[7]
-    length = gy.shape[2] * wq
-    tasks = nimg * chunks
-    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2  # even: pairs never straddle chunks
+    nimg, nout = gy.shape[0], gy.shape[1]
+    tasks = -(-nimg // geo[14]) * chunks
+    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2
     for th in prange(threads):
         part, bpart, buf, g0, g1 = parts[th], bparts[th], bufs[th], grids[th, 0], grids[th, 1]
         part[:] = 0
         bpart[:] = 0
         last = -1
         for task in range(th * tasks // threads, (th + 1) * tasks // threads):
-            n = task // chunks
-            if n != last:
-                pack(src, n, buf, geo)
-                last = n
+            n0, cnt, length = _block(nimg, task // chunks, geo)
+            if task // chunks != last:
+                _pack_block(src, n0, cnt, buf, geo)
+                last = task // chunks
             lo = (task % chunks) * per
             for o0 in range(lo, min(lo + per, nout), 2):
                 o1 = o0 + 1 if o0 + 1 < nout else nout  # odd O: row nout is a dummy
-                bpart[o0] += _grid_rows(gy, n, o0, g0, wq)
+                bpart[o0] += _gy_grid(gy, n0, cnt, o0, g0, length, geo)
                 if o1 < nout:
-                    bpart[o1] += _grid_rows(gy, n, o1, g1, wq)
+                    bpart[o1] += _gy_grid(gy, n0, cnt, o1, g1, length, geo)
                 _weight_pair(buf, g0, g1, offs, part[o0], part[o1], length)
     gw[:] = parts[0, :nout]
     gb[:] = bparts[0]
     for th in range(1, threads):
         gw += parts[th, :nout]
         gb += bparts[th]
-
-
-def empty_geo():
-    """A zeroed geo array (int64, one slot per GEO_FIELDS name)."""
-    return np.zeros(len(GEO_FIELDS), dtype=np.int64)

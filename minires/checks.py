@@ -124,7 +124,7 @@ def cases(seed=0):
 def run(device="cpu", seed=0, names=None):
     """Gradcheck every case on `device`; returns rows {name, ok, seconds, error}.
 
-    Large cases (over 2,000 checked elements) run in fast mode (one random direction per
+    Large cases (over 1,000 checked elements) run in fast mode (one random direction per
     input), the rest element by element. `names` restricts the run to those case names.
     """
     rows = []
@@ -132,7 +132,7 @@ def run(device="cpu", seed=0, names=None):
         if names is not None and name not in names:
             continue
         inputs = [backend.to_device(np.asarray(a, dtype=F64), device) for a in inputs]
-        fast = sum(int(np.prod(a.shape)) for a in inputs) > 2000
+        fast = sum(int(np.prod(a.shape)) for a in inputs) > 1000
         start = time.perf_counter()
         try:
             report = gradcheck(fn, inputs, fast=fast, seed=seed)

@@ -116,7 +116,7 @@ def test_pow_gradient_at_zero_base(xp):
 
 # --- reductions --------------------------------------------------------------------------------
 REDUCTIONS = {"sum": (F.sum, np.sum), "mean": (F.mean, np.mean), "max": (F.max, np.max)}
-AXES = [None, 0, 1, -1, (0, 2), (-1, 0), ()]
+AXES = [None, 0, 1, -1, (0, 2), (-1, 0), (), np.int64(-2)]
 
 
 @pytest.mark.parametrize("keepdims", [False, True])

@@ -12,11 +12,11 @@ def _normalize_axis(op, axis, shape):
     ndim = len(shape)
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)  # np.int64 is an int too
     for a in axes:
         if not -ndim <= a < builtins.max(ndim, 1):
             raise ValueError(f"{op}: axis {a} out of range for an array of shape {shape}")
-    return tuple(sorted(a % builtins.max(ndim, 1) for a in axes))
+    return tuple(sorted(int(a) % builtins.max(ndim, 1) for a in axes))
 
 
 def _expand(g, shape, axes):
