@@ -37,9 +37,10 @@ def pack(src, n, buf, base, geo):
             if r < 0 or r >= hp:
                 continue
             at = base + (r % psh) * psw * plane + (r // psh) * wq
-            if psw == 1 and dw == 1:
-                if w1 > w0:
-                    buf[c, at + left + w0:at + left + w1] = src[n, c, h, w0:w1]
+            if psw == 1 and dw == 1:  # a contiguous row; loops over views from 0 vectorise
+                dst, row = buf[c, at + left + w0:], src[n, c, h, w0:]
+                for w in range(w1 - w0):
+                    dst[w] = row[w]
                 continue
             for w in range(width):
                 q = left + w * dw
@@ -115,8 +116,9 @@ def _emit(acc, y, n0, cnt, o, geo):
     wq, img, ow = geo[7], geo[13], y.shape[3]
     for b in range(cnt):
         for i in range(y.shape[2]):
-            at = b * img + i * wq
-            y[n0 + b, o, i, :] = acc[at:at + ow]
+            dst, row = y[n0 + b, o, i], acc[b * img + i * wq:]
+            for j in range(ow):
+                dst[j] = row[j]
 
 
 @njit(cache=True, parallel=True)
@@ -141,8 +143,8 @@ def correlate(src, wt, bias, geo, offs, y, bufs, accs, threads, chunks):
             lo = (task % chunks) * per
             for o0 in range(lo, min(lo + per, nout), 2):
                 o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
-                a0[:length] = bias[o0]
-                a1[:length] = bias[o1]
+                for p in range(length):
+                    a0[p], a1[p] = bias[o0], bias[o1]
                 _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length)
                 _emit(a0, y, n0, cnt, o0, geo)
                 _emit(a1, y, n0, cnt, o1, geo)
@@ -206,13 +208,14 @@ def _gy_grid(gy, n0, cnt, o, grid, length, geo):
     wq, img = geo[7], geo[13]
     s = grid.dtype.type(0)
     end = (cnt - 1) * img + gy.shape[2] * wq
-    grid[end:length] = 0
+    tail = grid[end:]
+    for p in range(length - end):
+        tail[p] = 0
     for b in range(cnt):
         for i in range(gy.shape[2]):
-            row = gy[n0 + b, o, i]
-            at = b * img + i * wq
-            grid[at:at + gy.shape[3]] = row
+            dst, row = grid[b * img + i * wq:], gy[n0 + b, o, i]
             for j in range(gy.shape[3]):
+                dst[j] = row[j]
                 s += row[j]
     return s
 

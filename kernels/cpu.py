@@ -72,48 +72,54 @@ def _chunks_for(n):
 
 
 # --- convolution layouts ------------------------------------------------------------------
-_Plan = collections.namedtuple("_Plan", "geo offs size length")
+_Plan = collections.namedtuple("_Plan", "geo offs size length chunks threads")
+_GRID_TARGET = 1536  # stack small images until a block's grid is about this long
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow):
-    """Layout of the packed buffer (see kernels/_cpu_conv.py): geo, tap offsets, the per-channel
-    buffer size S and the grid length L = oh * wq."""
+def _plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow, nimg, nout, threads):
+    """Layout of the packed buffers (see kernels/_cpu_conv.py): geo, tap offsets, the
+    per-channel buffer size S, the grid scratch length L and the output-channel chunks.
+
+    Images are stacked nb to a block so a block's grid is about _GRID_TARGET long, with the
+    number of blocks a multiple of `threads` when there are enough of them (even split).
+    """
     hq, wq = -(-hp // psh), -(-wp // psw)
     plane = hq * wq
-    geo = np.array([top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow], np.int64)
+    img = psh * psw * plane
+    blocks = -(-nimg // max(1, _GRID_TARGET // img))
+    if blocks >= threads:
+        blocks = -(-blocks // threads) * threads
+    nb = -(-nimg // blocks)
+    blocks = -(-nimg // nb)
+    chunks = 1 if blocks >= 2 * threads else max(1, min(-(-nout // 2), -(-2 * threads // blocks)))
+    geo = np.array([top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow, img, nb],
+                   dtype=np.int64)
     offs = np.array([((i % psh) * psw + j % psw) * plane + (i // psh) * wq + j // psw
                      for i in range(kh) for j in range(kw)], dtype=np.int64)
-    size = -(-(psh * psw * plane + wq) // 16) * 16  # + one row: garbage columns read past
     geo.flags.writeable = offs.flags.writeable = False  # shared by every call with this plan
-    return _Plan(geo, offs, size, oh * wq)
+    size = -(-(nb * img + wq + 16) // 16) * 16  # the rounded grid reads up to wq + 15 past
+    return _Plan(geo, offs, size, nb * img + 16, chunks, threads)
 
 
-def _forward_plan(x_shape, kh, kw, stride, padding):
+def _forward_plan(x_shape, nout, kh, kw, stride, padding):
     """Plan for correlating x with a (kh, kw) kernel: padded, split into stride phases."""
     (sh, sw), (ph, pw) = stride, padding
     hp, wp = x_shape[2] + 2 * ph, x_shape[3] + 2 * pw
-    return _plan(kh, kw, ph, pw, 1, 1, sh, sw, hp, wp, (hp - kh) // sh + 1, (wp - kw) // sw + 1)
-
-
-def _chunks(nimg, nout, threads):
-    """Output-channel chunks per image: enough work items to keep every thread busy."""
-    if nimg >= 2 * threads:
-        return 1
-    return max(1, min(-(-nout // 2), -(-2 * threads // nimg)))
+    return _plan(kh, kw, ph, pw, 1, 1, sh, sw, hp, wp, (hp - kh) // sh + 1,
+                 (wp - kw) // sw + 1, x_shape[0], nout, _threads())
 
 
 def _correlate(src, wt, bias, plan, out_shape):
     """Run cc.correlate over fresh output (N, O, OH, OW) with pooled per-thread scratch."""
-    threads, dtype = _threads(), src.dtype
+    threads, dtype = plan.threads, src.dtype
     y = np.empty(out_shape, dtype=dtype)
-    bkey = ("pack", src.shape[1], plan.geo.tobytes(), plan.size, dtype.str, threads)
+    bkey = ("pack", src.shape[1:], plan.geo.tobytes(), plan.size, dtype.str, threads)
     akey = ("grid", plan.length, dtype.str, threads)
     bufs = scratch.borrow(bkey, (threads, src.shape[1], plan.size), dtype)
     accs = scratch.borrow(akey, (threads, 2, plan.length), dtype)
     try:
-        cc.correlate(src, wt, bias, plan.geo, plan.offs, y, bufs, accs, threads,
-                     _chunks(src.shape[0], wt.shape[0], threads))
+        cc.correlate(src, wt, bias, plan.geo, plan.offs, y, bufs, accs, threads, plan.chunks)
     finally:
         scratch.give_back(bkey, bufs)
         scratch.give_back(akey, accs)
@@ -124,7 +130,7 @@ def conv2d_forward(x, w, b, stride, padding):
     """y (N, O, OH, OW) = cross-correlation of x (N, C, H, W) with w (O, C, KH, KW) + b."""
     x = np.ascontiguousarray(x)
     nout, _, kh, kw = w.shape
-    plan = _forward_plan(x.shape, kh, kw, stride, padding)
+    plan = _forward_plan(x.shape, nout, kh, kw, stride, padding)
     wt = np.ascontiguousarray(w).reshape(nout, w.shape[1], kh * kw)
     bias = np.zeros(nout, x.dtype) if b is None else np.ascontiguousarray(b)
     return _correlate(x, wt, bias, plan, (x.shape[0], nout, plan.geo[11], plan.geo[12]))
@@ -137,7 +143,8 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding):
     (sh, sw), (ph, pw) = stride, padding
     nout, nin, kh, kw = w.shape
     h, wd = x_shape[2], x_shape[3]
-    plan = _plan(kh, kw, kh - 1 - ph, kw - 1 - pw, sh, sw, 1, 1, h + kh - 1, wd + kw - 1, h, wd)
+    plan = _plan(kh, kw, kh - 1 - ph, kw - 1 - pw, sh, sw, 1, 1, h + kh - 1, wd + kw - 1, h, wd,
+                 gy.shape[0], nin, _threads())
     wt = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(nin, nout,
                                                                                  kh * kw)
     return _correlate(gy, wt, np.zeros(nin, gy.dtype), plan, tuple(x_shape))
@@ -147,11 +154,11 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
     """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions."""
     gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
     nout, nin, kh, kw = w_shape
-    plan = _forward_plan(x.shape, kh, kw, stride, padding)
-    threads, dtype = _threads(), x.dtype
+    plan = _forward_plan(x.shape, nout, kh, kw, stride, padding)
+    threads, dtype = plan.threads, x.dtype
     gw = np.empty((nout, nin, kh * kw), dtype=dtype)
     gb = np.empty(nout, dtype=dtype)
-    keys = [("pack", nin, plan.geo.tobytes(), plan.size, dtype.str, threads),
+    keys = [("pack", x.shape[1:], plan.geo.tobytes(), plan.size, dtype.str, threads),
             ("gygrid", plan.geo.tobytes(), dtype.str, threads),
             ("parts", nout, nin, kh * kw, dtype.str, threads),
             ("bparts", nout, dtype.str, threads)]
@@ -159,8 +166,7 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
               (threads, nout + 1, nin, kh * kw), (threads, nout)]
     arrays = [scratch.borrow(k, s, dtype) for k, s in zip(keys, shapes)]
     try:
-        cc.weight_grad(gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads,
-                       _chunks(x.shape[0], nout, threads))
+        cc.weight_grad(gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads, plan.chunks)
     finally:
         for k, a in zip(keys, arrays):
             scratch.give_back(k, a)

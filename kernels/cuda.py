@@ -16,7 +16,7 @@ from kernels._common import array_module, is_device_array
 try:  # numba-cuda (NVIDIA's target) keeps its own config; numba's built-in target shares numba's
     from numba.cuda.core.config import ENABLE_CUDASIM
 except ImportError:
-    from numba.config import ENABLE_CUDASIM
+    from numba.core.config import ENABLE_CUDASIM
 SIMULATOR = bool(ENABLE_CUDASIM)  # NUMBA_ENABLE_CUDASIM=1: NumPy arrays in, Python threads
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",

@@ -122,12 +122,12 @@ def cases(seed=0):
 
 
 def run(device="cpu", seed=0, names=None):
-    """Gradcheck every case on `device`; returns rows {name, ok, seconds, error}.
+    """Gradcheck every case on `device`, yielding one row {name, ok, fast, seconds, max_abs,
+    max_rel, error} per case as it finishes.
 
     Large cases (over 1,000 checked elements) run in fast mode (one random direction per
     input), the rest element by element. `names` restricts the run to those case names.
     """
-    rows = []
     for name, fn, inputs in cases(seed):
         if names is not None and name not in names:
             continue
@@ -139,10 +139,8 @@ def run(device="cpu", seed=0, names=None):
             row = dict(ok=True, error="")
         except GradcheckError as err:
             report, row = None, dict(ok=False, error=str(err))
-        rows.append(dict(name=name, seconds=time.perf_counter() - start, fast=fast,
-                         max_abs=_get(report, "max_abs"), max_rel=_get(report, "max_rel"),
-                         **row))
-    return rows
+        yield dict(name=name, seconds=time.perf_counter() - start, fast=fast,
+                   max_abs=_get(report, "max_abs"), max_rel=_get(report, "max_rel"), **row)
 
 
 def _get(report, key):

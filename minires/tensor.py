@@ -253,14 +253,15 @@ def _as_tensors(inputs, op_name):
 
     Python scalars take the floating dtype of the other inputs (as in PyTorch).
     """
-    like = next((x for x in inputs if isinstance(x, Tensor) or hasattr(x, "dtype")), None)
+    like = next((x for x in inputs if isinstance(x, Tensor) or hasattr(x, "shape")
+                 and not isinstance(x, np.number)), None)
     dtype = like.dtype if like is not None and _is_float(like.dtype) else None
     device = backend.device_of(like.data if isinstance(like, Tensor) else like)
     tensors = []
     for x in inputs:
         if isinstance(x, Tensor):
             tensors.append(x)
-        elif isinstance(x, (int, float, bool)):
+        elif isinstance(x, (int, float, bool, np.number)):  # scalars follow the tensors
             tensors.append(Tensor(_as_array(x, dtype, device)))
         else:
             tensors.append(Tensor(x))

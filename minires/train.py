@@ -6,7 +6,6 @@ arguments (nn, optim, data objects).
 """
 import csv
 import math
-import os
 import pathlib
 import sys
 import time
@@ -15,12 +14,16 @@ import numpy as np
 from tqdm import tqdm
 
 import minires.ops as F
-from minires import backend, checkpoint
+from minires import checkpoint
 from minires.tensor import Tensor, no_grad
 
 CSV_FIELDS = ("step", "epoch", "loss", "accuracy", "lr", "x_in", "x_res")
 CHECKPOINT_NAME = "checkpoint.npz"
 _KIND = "minires.train"  # marks a training checkpoint (vs. any file written by minires.save)
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (wrong kind, model or settings)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -151,26 +154,33 @@ def training_state(model, optimizer, scheduler, loader, step, hparams):
 def restore(path, model, optimizer, scheduler, loader, hparams=None):
     """Load a training checkpoint into the given objects; returns its global step.
 
-    Raises ValueError when the file is not a training checkpoint or its model name (or any
-    other entry of `hparams` the checkpoint also records) differs from this run's.
+    Raises ResumeError (a ValueError) when the file is unreadable or not a training
+    checkpoint, or its model name (or any other entry of `hparams` it also records) or the
+    shapes of its state differ from this run's.
     """
-    state = checkpoint.load(path)
+    try:
+        state = checkpoint.load(path)
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"resume: {err}") from None
     if not isinstance(state, dict) or state.get("kind") != _KIND:
-        raise ValueError(f"resume: {path} is not a minires training checkpoint")
+        raise ResumeError(f"resume: {path} is not a minires training checkpoint")
     saved = state["hparams"]
     for key, value in (hparams or {}).items():
         if key in saved and saved[key] != value:
-            raise ValueError(f"resume: {path} was written with {key}={saved[key]!r} but this "
-                             f"run has {key}={value!r}")
+            raise ResumeError(f"resume: {path} was written with {key}={saved[key]!r} but "
+                              f"this run has {key}={value!r}")
     if (state["scheduler"] is None) != (scheduler is None):
-        raise ValueError(f"resume: {path} has {'no ' if state['scheduler'] is None else ''}"
-                         f"scheduler state but this run has "
-                         f"{'one' if scheduler is not None else 'none'}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["loader"])
+        raise ResumeError(f"resume: {path} has {'no ' if state['scheduler'] is None else ''}"
+                          f"scheduler state but this run has "
+                          f"{'one' if scheduler is not None else 'none'}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+    except ValueError as err:
+        raise ResumeError(f"resume: {path} does not fit this run: {err}") from None
     _set_rng_states(model, state["rng"])
     return state["step"]
 

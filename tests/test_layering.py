@@ -29,7 +29,10 @@ LAYERS = {
     "minires.viz": ("minires.tensor", "minires.backend"),  # graphs read duck-typed
     "minires.profile": ("minires.ops", "minires.tensor", "minires.backend"),  # observer hook
     "minires.train": BELOW_TRAIN,
-    "minires.cli": BELOW_TRAIN + ("minires.train",),
+    "minires.checks": BELOW_TRAIN,  # the cases `minires gradcheck` runs
+    # the top: cli may also read the facade (e.g. minires.__version__)
+    "minires.cli": BELOW_TRAIN + ("minires.train", "minires.checks", "minires"),
+    "minires.__main__": ("minires.cli",),
     "minires": BELOW_TRAIN + ("minires.train",),  # the package facade (minires/__init__.py)
 }
 FACADES = {"minires"}  # keys that cover only their own __init__.py, not the package subtree
@@ -99,7 +102,7 @@ def imports_of(path):
                              for n in _resolve_from(child, module, is_pkg))
             elif (isinstance(child, ast.Call) and getattr(child.func, "attr", None)
                   == "import_module" and child.args and isinstance(child.args[0], ast.Constant)):
-                found.append((child.args[0].value, child.lineno, True))
+                found.append((child.args[0].value, child.lineno, in_function))
             visit(child, nested)
 
     visit(tree, False)
@@ -208,3 +211,9 @@ def test_file_length_hard_cap():
     long = {p.relative_to(REPO).as_posix(): n for p in FILES
             if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
     assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def test_torch_is_never_imported_by_the_engine():
+    hits = [f"{p.relative_to(REPO).as_posix()}:{line}" for p in FILES
+            for name, line, _ in imports_of(p) if _within(name, "torch")]
+    assert not hits, f"torch imported at {hits}"

@@ -1,0 +1,185 @@
+"""Shared bench plumbing: the device and thread setup, the run header, timing, table/JSON rows.
+
+Imports numpy, kernels and minires; torch, threadpoolctl and cupy only when present.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+class BenchError(Exception):
+    """A setup problem reported as one clear line (no GPU for --device cuda, bad --threads)."""
+
+
+def load_torch():
+    """torch, or None when it is not installed (the `bench` extra)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def setup(device, threads):
+    """Check the device, fix the thread counts; return (xp, torch or None, torch device).
+
+    threads applies to Numba, BLAS (through threadpoolctl when installed) and PyTorch.
+    """
+    import kernels
+    from minires import backend
+    if device == "cuda" and not backend.cupy_available():
+        raise BenchError("--device cuda: no usable CUDA GPU/CuPy found (install the cuda12 or "
+                         "cuda13 extra on a machine with an NVIDIA GPU), or use --device cpu")
+    kernels.backend_name(np.empty(1, np.float32))  # imports kernels.cpu (and Numba) now
+    numba = sys.modules.get("numba")
+    if threads is not None:
+        if threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {threads}")
+        if numba is not None:
+            try:
+                numba.set_num_threads(threads)
+            except ValueError as err:
+                raise BenchError(f"--threads {threads}: {err}") from None
+        try:
+            import threadpoolctl
+            threadpoolctl.threadpool_limits(threads)
+        except ImportError:
+            pass
+    torch = load_torch()
+    tdev = None
+    if torch is not None:
+        torch.set_num_threads(threads or (numba.get_num_threads() if numba else 1))
+        if device == "cuda":
+            tdev = torch.device("cuda") if torch.cuda.is_available() else None
+        else:
+            tdev = torch.device("cpu")
+    xp = np
+    if device == "cuda":
+        import cupy
+        xp = cupy
+    return xp, torch, tdev
+
+
+def blas_info():
+    """'openblas Haswell, 2 threads' from threadpoolctl, or a hint when it is missing."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return "unknown (install threadpoolctl)"
+    libs = [f"{p.get('internal_api')} {p.get('architecture', '?')}, {p.get('num_threads')} "
+            f"threads" for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+    return "; ".join(libs) or "none loaded"
+
+
+def header(device, xp, torch, tdev):
+    """The facts a reader needs to compare two runs, as (key, value) pairs."""
+    import kernels
+    numba = sys.modules.get("numba")
+    layer = "n/a"
+    if numba is not None:
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            layer = f"not started (configured: {numba.config.THREADING_LAYER})"
+    sample = xp.empty(1, dtype=np.float32)
+    rows = [("machine", f"{platform.machine()}, {os.cpu_count()} logical CPUs"),
+            ("device", device if device == "cpu" else _gpu_name()),
+            ("kernels", kernels.backend_name(sample)),
+            ("threads", str(numba.get_num_threads()) if numba else "1"),
+            ("numba threading layer", layer),
+            ("BLAS", blas_info()),
+            ("OPENBLAS_CORETYPE", os.environ.get("OPENBLAS_CORETYPE", "(unset)")),
+            ("torch", "not installed" if torch is None else
+             f"{torch.__version__}, {torch.get_num_threads()} threads"
+             + ("" if tdev is not None else ", no CUDA: column left empty"))]
+    return rows
+
+
+def _gpu_name():
+    from minires import backend
+    return f"cuda ({backend.gpu_name()})"
+
+
+def print_header(rows, as_json):
+    if as_json:
+        print(json.dumps({"header": dict(rows)}))
+    else:
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"# {k:<{width}}  {v}")
+        print()
+
+
+def timed(fn, reps, warmup=2, sync=None):
+    """Median wall time of fn() in ms over `reps` runs after `warmup` runs (compile, caches).
+
+    sync (e.g. a GPU synchronize) runs before the clock starts and after fn returns.
+    """
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def settle():
+    """Let the other implementation's spinning worker threads go idle before timing.
+
+    OpenMP and OpenBLAS workers busy-wait for a while after a parallel region; on a 2-core
+    machine they would steal the cores from the next implementation's threads.
+    """
+    time.sleep(0.05)
+
+
+def compare(impls, reps, rounds=3, sync=None):
+    """{name: ms} for each fn in impls (name -> fn or None), interleaved over `rounds`.
+
+    Each round times every implementation in turn (with `settle()` between them); the result
+    is the lowest of a name's per-round medians, which drops rounds disturbed by other load.
+    """
+    best = {name: None for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            if fn is None:
+                continue
+            settle()
+            ms = timed(fn, reps, sync=sync)
+            best[name] = ms if best[name] is None else min(best[name], ms)
+    return best
+
+
+def fmt(v, digits=3):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def print_table(columns, rows, as_json):
+    """rows: dicts keyed by the column names; a table with aligned columns, or JSON lines."""
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    cells = [[r.get(c) if isinstance(r.get(c), str) else fmt(r.get(c), 2 if "ratio" in c or
+              "x" == c[-1:] else 3) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns,
+                                                                                   widths))))
+    for row in cells:
+        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row,
+                                                                                       widths))))
+    print()

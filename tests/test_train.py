@@ -1,0 +1,194 @@
+"""Training loops on real MNIST subsets: loss goes down, evaluate, checkpoints, bit-identical
+resume (in process and after a SIGKILL), NaN stop."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import minires.ops as F
+from conftest import REPO, TRAIN_SMOKE_ACCURACY
+from minires import checkpoint, data, models, optim, train
+from minires.tensor import Tensor
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return data.load_mnist("train", mnist_dir), data.load_mnist("test", mnist_dir)
+
+
+def _setup(mnist, n=256, batch_size=32, seed=0, lr=3e-3, epochs=1):
+    (x, y), _ = mnist
+    loader = data.DataLoader(x[:n], y[:n], batch_size=batch_size, seed=seed)
+    model = models.seed_net(rng=seed, track_grad_norms=True)
+    opt = optim.Adam(model.parameters(), lr=lr)
+    sched = optim.OneCycleLR(opt, lr, epochs * len(loader))
+    return model, loader, opt, sched
+
+
+def test_train_epoch_reduces_loss(mnist):
+    model, loader, opt, sched = _setup(mnist, n=512, batch_size=32)
+    plain = data.DataLoader(*[a[:512] for a in mnist[0]], batch_size=256, shuffle=False)
+    before = train.evaluate(model, plain)
+    records = []
+    result = train.train_epoch(model, loader, opt, sched, on_step=records.append,
+                               progress=False)
+    after = train.evaluate(model, plain)
+    assert after["loss"] < 0.5 * before["loss"] and after["accuracy"] > before["accuracy"]
+    assert (result["steps"], result["images"]) == (16, 512)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert records[0]["lr"] == pytest.approx(3e-3 / 25)  # one-cycle starts at max_lr / 25
+    assert all(r["x_in"] > 0 and r["x_res"] > 0 for r in records)
+    assert records[-1]["x_in"] == model.skip.grad_norms[-1][0]
+    assert result["loss"] == pytest.approx(np.mean([r["loss"] for r in records]))
+
+
+def test_evaluate_matches_direct_computation(mnist):
+    _, (xt, yt) = mnist
+    model = models.seed_net(rng=1)
+    loader = data.DataLoader(xt[:300], yt[:300], batch_size=128, shuffle=False)
+    got = train.evaluate(model, loader)
+    x = data.DataLoader(xt[:300], yt[:300], batch_size=300, shuffle=False).images
+    logits = model(Tensor(x))
+    assert got["accuracy"] == np.mean(logits.data.argmax(1) == yt[:300])
+    expected = F.cross_entropy(logits, yt[:300]).item()
+    np.testing.assert_allclose(got["loss"], expected, **{"rtol": 1e-5, "atol": 1e-6})
+
+
+def _crash_after(monkeypatch, n):
+    """Make train.train_step raise KeyboardInterrupt on its (n+1)-th call."""
+    real, calls = train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def _weights(path):
+    state = checkpoint.load(path)
+    return state["step"], state["model"], state["optimizer"]
+
+
+def test_resume_in_process_is_bit_identical(mnist, tmp_path, monkeypatch):
+    hp = {"model": "seed", "lr": 3e-3}
+    straight = _setup(mnist, epochs=2)
+    train.fit(*straight, epochs=2, out=tmp_path / "a", checkpoint_every=3, hparams=hp,
+              progress=False)
+    crashed = _setup(mnist, epochs=2)
+    _crash_after(monkeypatch, 11)  # epoch 2 (8 steps per epoch), checkpoint at step 9
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(*crashed, epochs=2, out=tmp_path / "b", checkpoint_every=3, hparams=hp,
+                  progress=False)
+    monkeypatch.undo()
+    assert _weights(tmp_path / "b" / "checkpoint.npz")[0] == 9
+    resumed = _setup(mnist, epochs=2)
+    result = train.fit(*resumed, epochs=2, out=tmp_path / "b", checkpoint_every=3,
+                       resume=tmp_path / "b" / "checkpoint.npz", hparams=hp, progress=False)
+    assert result["step"] == 16
+    step_a, model_a, opt_a = _weights(tmp_path / "a" / "checkpoint.npz")
+    step_b, model_b, opt_b = _weights(tmp_path / "b" / "checkpoint.npz")
+    assert step_a == step_b == 16
+    for key in model_a:
+        np.testing.assert_array_equal(model_a[key], model_b[key])
+    for key in opt_a:
+        np.testing.assert_array_equal(opt_a[key], opt_b[key])
+    rows_a = (tmp_path / "a" / "metrics.csv").read_text()
+    assert rows_a == (tmp_path / "b" / "metrics.csv").read_text()  # rows 10-11 not doubled
+    assert len(rows_a.splitlines()) == 17
+
+
+def test_resume_refuses_other_model(mnist, tmp_path):
+    model, loader, opt, sched = _setup(mnist, n=64)
+    train.fit(model, loader, opt, sched, out=tmp_path, hparams={"model": "seed"},
+              progress=False)
+    path = tmp_path / "checkpoint.npz"
+    model, loader, opt, sched = _setup(mnist, n=64)
+    with pytest.raises(train.ResumeError, match="model='seed' but this run has "
+                                                 "model='rezero'"):
+        train.fit(model, loader, opt, sched, resume=path, hparams={"model": "rezero"})
+    other = models.seed_net(channels=8)
+    opt = optim.Adam(other.parameters())
+    with pytest.raises(train.ResumeError, match="does not fit this run"):
+        train.fit(other, loader, opt, optim.OneCycleLR(opt, 1e-3, 2), resume=path)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(mnist, tmp_path):
+    model, loader, opt, sched = _setup(mnist)
+    real_step, calls = opt.step, []
+
+    def poisoned_step():
+        real_step()
+        calls.append(1)
+        if len(calls) == 5:  # the 6th forward pass then produces a NaN loss
+            model.head[2].weight.data[0, 0] = np.nan
+
+    opt.step = poisoned_step
+    with pytest.raises(train.NonFiniteLoss, match=r"loss is nan at step 6.*checkpoint\.npz "
+                                                  r"\(step 4\)") as info:
+        train.fit(model, loader, opt, sched, out=tmp_path, checkpoint_every=2,
+                  progress=False)
+    assert info.value.step == 6
+    step, weights, _ = _weights(tmp_path / "checkpoint.npz")
+    assert step == 4 and all(np.isfinite(w).all() for w in weights.values())
+
+
+def _cli(*args, out):
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "minires", "train", "--limit", "512", "--batch-size", "16",
+           "--checkpoint-every", "4", "--threads", "1", "--out", str(out), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sigkill_then_resume_is_bit_identical(mnist_dir, tmp_path):
+    """Straight run vs. a run SIGKILLed after its step-4 checkpoint and resumed: same bits."""
+    straight = _cli(out=tmp_path / "a")
+    killed = _cli(out=tmp_path / "b")
+    metrics = tmp_path / "b" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed.poll() is None:
+        if metrics.exists() and len(_rows(metrics)) >= 5:  # step 5 runs: checkpoint 4 is done
+            break
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()
+    step = checkpoint.load(tmp_path / "b" / "checkpoint.npz")["step"]
+    assert 4 <= step < 32  # killed mid-run, after a checkpoint
+    resumed = _cli("--resume", str(tmp_path / "b" / "checkpoint.npz"), out=tmp_path / "b")
+    for proc in (straight, resumed):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        assert "test accuracy" in stdout
+    a = checkpoint.load(tmp_path / "a" / "checkpoint.npz")
+    b = checkpoint.load(tmp_path / "b" / "checkpoint.npz")
+    assert a["step"] == b["step"] == 32
+    for part in ("model", "optimizer"):
+        for key in a[part]:
+            np.testing.assert_array_equal(a[part][key], b[part][key])
+    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(metrics)
+
+
+@pytest.mark.slow
+def test_train_5000_images_reaches_threshold(mnist):
+    (x, y), (xt, yt) = mnist
+    loader = data.DataLoader(x[:5000], y[:5000], batch_size=64, seed=0)
+    model = models.seed_net(rng=0)
+    opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, nesterov=True)
+    sched = optim.OneCycleLR(opt, 0.05, 2 * len(loader))
+    test = data.DataLoader(xt[:2000], yt[:2000], batch_size=500, shuffle=False)
+    result = train.fit(model, loader, opt, sched, epochs=2, test_loader=test, progress=False)
+    assert result["test"]["accuracy"] >= TRAIN_SMOKE_ACCURACY
