@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402  (after the path fix above)
 
 from minires import backend, optim  # noqa: E402
 from minires.data import DataLoader, load_mnist  # noqa: E402
+from minires.tensor import Tensor  # noqa: E402
 from minires.train import evaluate, train_epoch  # noqa: E402
 
 EVAL_BATCH = 500  # test batches: no graph is kept, so bigger batches just run faster
@@ -94,7 +95,7 @@ def accuracy(model, loader):
 
 def host(a):
     """A NumPy copy of a device array or Tensor."""
-    return backend.to_device(getattr(a, "data", a), "cpu")
+    return backend.to_device(a.data if isinstance(a, Tensor) else a, "cpu")
 
 
 def grad_norm(p):

@@ -21,6 +21,15 @@ __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "max_pool2d_forward", "max_pool2d_backward"]
 
 _PARALLEL_MIN = 1 << 15  # elementwise arrays smaller than this run on one thread
+# Numba's workqueue threading layer aborts the process when two Python threads launch
+# parallel kernels at once; one lock makes every layer safe (the cores are shared anyway).
+_launch_lock = threading.Lock()
+
+
+def _launch(kernel, *args):
+    """Run one parallel @njit kernel under the launch lock."""
+    with _launch_lock:
+        kernel(*args)
 
 
 # --- scratch: per-thread padded copies and partial sums, reused across calls --------------
@@ -119,7 +128,8 @@ def _correlate(src, wt, bias, plan, out_shape):
     bufs = scratch.borrow(bkey, (threads, src.shape[1], plan.size), dtype)
     accs = scratch.borrow(akey, (threads, 2, plan.length), dtype)
     try:
-        cc.correlate(src, wt, bias, plan.geo, plan.offs, y, bufs, accs, threads, plan.chunks)
+        _launch(cc.correlate, src, wt, bias, plan.geo, plan.offs, y, bufs, accs, threads,
+                plan.chunks)
     finally:
         scratch.give_back(bkey, bufs)
         scratch.give_back(akey, accs)
@@ -166,7 +176,8 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
               (threads, nout + 1, nin, kh * kw), (threads, nout)]
     arrays = [scratch.borrow(k, s, dtype) for k, s in zip(keys, shapes)]
     try:
-        cc.weight_grad(gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads, plan.chunks)
+        _launch(cc.weight_grad, gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads,
+                plan.chunks)
     finally:
         for k, a in zip(keys, arrays):
             scratch.give_back(k, a)
@@ -181,14 +192,14 @@ def _flat(a):
 def relu_forward(x):
     """max(x, 0), a new array of x's shape and dtype."""
     y = np.empty(x.shape, dtype=x.dtype)
-    ce.relu_forward(_flat(x), y.reshape(-1), _chunks_for(x.size))
+    _launch(ce.relu_forward, _flat(x), y.reshape(-1), _chunks_for(x.size))
     return y
 
 
 def relu_backward(gy, y):
     """gy where the forward output y > 0, else 0 (a new array)."""
     gx = np.empty(gy.shape, dtype=gy.dtype)
-    ce.relu_backward(_flat(gy), _flat(y), gx.reshape(-1), _chunks_for(gy.size))
+    _launch(ce.relu_backward, _flat(gy), _flat(y), gx.reshape(-1), _chunks_for(gy.size))
     return gx
 
 
@@ -199,8 +210,8 @@ def _alpha_value(alpha, dtype):
 def residual_add_forward(x, fx, alpha, relu):
     """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
     y = np.empty(x.shape, dtype=x.dtype)
-    ce.residual_forward(_flat(x), _flat(fx), _alpha_value(alpha, x.dtype), bool(relu),
-                        y.reshape(-1), _chunks_for(x.size))
+    _launch(ce.residual_forward, _flat(x), _flat(fx), _alpha_value(alpha, x.dtype),
+            bool(relu), y.reshape(-1), _chunks_for(x.size))
     return y
 
 
@@ -214,9 +225,9 @@ def residual_add_backward(gy, y, fx, alpha, relu):
     flat_gy = _flat(gy)
     parts = np.zeros(chunks, dtype=np.float64)
     want = alpha is not None
-    ce.residual_backward(flat_gy, _flat(y) if relu else flat_gy, _flat(fx) if want else flat_gy,
-                         _alpha_value(alpha, dtype), bool(relu), want, gx.reshape(-1),
-                         gfx.reshape(-1), parts, chunks)
+    _launch(ce.residual_backward, flat_gy, _flat(y) if relu else flat_gy,
+            _flat(fx) if want else flat_gy, _alpha_value(alpha, dtype), bool(relu), want,
+            gx.reshape(-1), gfx.reshape(-1), parts, chunks)
     galpha = None
     if want:
         galpha = np.asarray(parts.sum(), dtype=alpha.dtype).reshape(alpha.shape)
@@ -231,7 +242,7 @@ def max_pool2d_forward(x, kernel, stride):
     n, c, h, w = x.shape
     out = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
     y, argmax = np.empty(out, dtype=x.dtype), np.empty(out, dtype=np.int32)
-    ce.max_pool_forward(x, kh, kw, sh, sw, y, argmax, _chunks_for(x.size))
+    _launch(ce.max_pool_forward, x, kh, kw, sh, sw, y, argmax, _chunks_for(x.size))
     return y, argmax
 
 
@@ -240,6 +251,6 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     gy = np.ascontiguousarray(gy)
     argmax = np.ascontiguousarray(argmax, dtype=np.int32)
     gx = np.empty(x_shape, dtype=gy.dtype)
-    ce.max_pool_backward(gy, argmax, kernel[1], stride[0], stride[1], gx,
-                         _chunks_for(gx.size))
+    _launch(ce.max_pool_backward, gy, argmax, kernel[1], stride[0], stride[1], gx,
+            _chunks_for(gx.size))
     return gx

@@ -1,12 +1,11 @@
-"""Numba CUDA kernels for conv2d, relu, residual_add and max_pool2d: kernels.cpu's names.
-
-Imports numpy, numba.cuda and kernels._common (CuPy lazily); never minires. Semantics and
-notation: kernels/reference.py. CuPy arrays in and out with no copy, launched on CuPy's current
-stream; NumPy arrays only under the simulator (NUMBA_ENABLE_CUDASIM=1, for tests). Reductions
-are fixed shared-memory trees (no atomics, no warp shuffles): results are deterministic.
+"""Numba CUDA kernels for conv2d, relu, residual_add and max_pool2d: kernels.cpu's names and
+kernels/reference.py's semantics. Imports numpy, numba.cuda, kernels._common (CuPy lazily).
+CuPy arrays in and out, no copies, on CuPy's current stream; NumPy arrays only under the
+simulator (NUMBA_ENABLE_CUDASIM=1). Reductions are fixed trees (no atomics): deterministic.
 """
 import contextlib
 import functools
+import warnings
 
 import numpy as np
 from numba import cuda
@@ -18,6 +17,13 @@ try:  # numba-cuda (NVIDIA's target) keeps its own config; numba's built-in targ
 except ImportError:
     from numba.core.config import ENABLE_CUDASIM
 SIMULATOR = bool(ENABLE_CUDASIM)  # NUMBA_ENABLE_CUDASIM=1: NumPy arrays in, Python threads
+if not SIMULATOR and not cuda.cudadrv.nvvm.is_available():
+    # kernels/__init__.py turns this into its reference fallback (with a warning)
+    raise ImportError("numba.cuda finds no NVVM to compile kernels: pip install numba-cuda[cu13]")
+
+# Small grids are deliberate here (one block sums the galpha partials; tiny tensors need few
+# blocks); without this Numba warns once per distinct grid size below 128 blocks.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-util")
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
@@ -30,6 +36,8 @@ RED = 8 if SIMULATOR else 256
 MAX_PARTIALS = 1024  # blocks of the first galpha stage, so the second stage is one block
 
 
+# inline="always" inlines these helpers in Numba IR before typing; a device-function call asks
+# the driver for the GPU's compute capability, so compile_ptx without a GPU would fail.
 @cuda.jit(device=True, inline="always")
 def _unravel(t, d1, d2, d3):
     """Flat C-order index t of an array (., d1, d2, d3) -> its 4 indices."""
@@ -41,13 +49,13 @@ def _unravel(t, d1, d2, d3):
 
 
 @cuda.jit(device=True, inline="always")
-def _tree_sum(buf, tid):
-    """Sum buf (one slot per thread, size == blockDim, a power of two); every thread calls it.
-
-    A fixed pairwise tree: the result does not depend on scheduling.
-    """
+def _block_sum(acc, tid, like):
+    """Sum of acc over a block of RED threads in a fixed pairwise tree, so the result does not
+    depend on scheduling. Every thread of the block calls it; like: an array of acc's dtype."""
+    buf = cuda.shared.array(RED, like.dtype)
+    buf[tid] = acc
     cuda.syncthreads()
-    step = buf.size // 2
+    step = RED // 2
     while step > 0:
         if tid < step:
             buf[tid] += buf[tid + step]
@@ -106,11 +114,8 @@ def conv2d_backward_input_kernel(gy, w, sh, sw, ph, pw, gx):
 
 @cuda.jit(cache=True)
 def conv2d_backward_weight_kernel(gy, x, sh, sw, ph, pw, gw, gb):
-    """Block k < gw.size sums gw.flat[k] over (n, p, q); block gw.size + o sums gb[o].
-
-    The RED threads of a block stride over (n, p, q), then add up in a shared-memory tree.
-    The launcher starts the O extra bias blocks only when gb is wanted.
-    """
+    """Block k < gw.size sums gw.flat[k] over (n, p, q), block gw.size + o sums gb[o] (launched
+    only when gb is wanted): RED threads stride over (n, p, q), then a shared-memory tree."""
     k, tid = cuda.blockIdx.x, cuda.threadIdx.x
     oh, ow = gy.shape[2], gy.shape[3]
     acc = gy.dtype.type(0)
@@ -125,9 +130,7 @@ def conv2d_backward_weight_kernel(gy, x, sh, sw, ph, pw, gw, gb):
         o = k - gw.size
         for t in range(tid, gy.shape[0] * oh * ow, RED):
             acc += gy[t // (oh * ow), o, t // ow % oh, t % ow]
-    buf = cuda.shared.array(RED, gy.dtype)
-    buf[tid] = acc
-    total = _tree_sum(buf, tid)
+    total = _block_sum(acc, tid, gy)
     if tid == 0:
         if k < gw.size:
             o, c, i, j = _unravel(k, gw.shape[1], gw.shape[2], gw.shape[3])
@@ -180,9 +183,7 @@ def residual_add_backward_kernel(gy, y, fx, alpha, has_alpha, relu, gx, gfx, par
             acc += g * fx[t]
         else:
             gfx[t] = g
-    buf = cuda.shared.array(RED, gy.dtype)
-    buf[tid] = acc
-    total = _tree_sum(buf, tid)
+    total = _block_sum(acc, tid, gy)
     if has_alpha and tid == 0:
         partial[cuda.blockIdx.x] = total
 
@@ -194,9 +195,7 @@ def sum_kernel(a, out):
     acc = a.dtype.type(0)
     for t in range(tid, a.size, RED):
         acc += a[t]
-    buf = cuda.shared.array(RED, a.dtype)
-    buf[tid] = acc
-    total = _tree_sum(buf, tid)
+    total = _block_sum(acc, tid, a)
     if tid == 0:
         out[0] = total
 
@@ -212,7 +211,7 @@ def max_pool2d_forward_kernel(x, kh, kw, sh, sw, y, argmax):
     for i in range(kh):
         for j in range(kw):
             v = x[n, c, p * sh + i, q * sw + j]
-            if v > best:  # strict: ties keep the first tap
+            if v >= best:  # strict: ties keep the first tap
                 best, at = v, i * kw + j
     y[n, c, p, q] = best
     argmax[n, c, p, q] = at
@@ -272,24 +271,17 @@ def _launcher(func):
     return wrapper
 
 
-def _stream(xp):
-    """CuPy's current stream as a Numba stream (0: the default stream; simulator: ignored)."""
-    ptr = 0 if xp is np else xp.cuda.get_current_stream().ptr
-    return cuda.external_stream(ptr) if ptr else 0
-
-
-def _view(a):
-    """A Numba view of a CuPy array, without the stream sync Numba does by default (we launch
-    on the same stream, so order is kept); NumPy arrays (simulator) pass through."""
-    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
-        return a
-    return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
-
-
 def _launch(xp, kernel, blocks, threads, *args):
-    """kernel[blocks, threads](*args) on CuPy's current stream; nothing to do when blocks == 0."""
-    if blocks > 0:
-        kernel[blocks, threads, _stream(xp)](*[_view(a) for a in args])
+    """kernel[blocks, threads](*args) on CuPy's current stream; nothing when blocks == 0.
+
+    CuPy arrays are viewed without the stream sync Numba does by default: the launch is on the
+    caller's stream, so order is kept and the host never waits. Other arguments pass as is."""
+    if blocks == 0:
+        return
+    ptr = 0 if xp is np else xp.cuda.get_current_stream().ptr  # 0: the legacy default stream
+    args = [cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
+            if is_device_array(a) else a for a in args]
+    kernel[blocks, threads, cuda.external_stream(ptr) if ptr else 0](*args)
 
 
 def _per_element(n):
@@ -375,15 +367,15 @@ def residual_add_backward(xp, gy, y, fx, alpha, relu):
     two deterministic stages: per-block partial sums, then one block over the partials.
     """
     gx, gfx = xp.empty(gy.shape, dtype=gy.dtype), xp.empty(gy.shape, dtype=gy.dtype)
-    blocks = max(1, min(MAX_PARTIALS, (gy.size + RED - 1) // RED))
+    blocks = min(MAX_PARTIALS, (gy.size + RED - 1) // RED)
     partial = None if alpha is None else xp.empty((blocks,), dtype=gy.dtype)
     flat = _flat(xp, gy, y, fx, alpha, gx, gfx, partial)
     _launch(xp, residual_add_backward_kernel, blocks, RED,
             *flat[:4], alpha is not None, relu, *flat[4:])
     if alpha is None:
         return gx, gfx, None
-    galpha = xp.empty(alpha.shape, dtype=alpha.dtype)
-    _launch(xp, sum_kernel, 1, RED, partial, galpha.reshape(-1))
+    galpha = xp.zeros(alpha.shape, dtype=alpha.dtype)  # stays 0 for empty arrays
+    _launch(xp, sum_kernel, min(blocks, 1), RED, partial, galpha.reshape(-1))
     return gx, gfx, galpha
 
 

@@ -6,5 +6,6 @@ from minires.tensor import Tensor, Parameter, Function, no_grad, is_grad_enabled
 from minires.tensor import tensor, zeros, ones, randn
 from minires import ops, nn, optim, models
 from minires.checkpoint import save, load
+from minires.profile import profile
 
 __version__ = "0.1.0"

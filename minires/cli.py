@@ -2,6 +2,7 @@
 code (0 ok, 1 failed run, 2 usage error). Imports the train/cli layer and everything below.
 """
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import pathlib
@@ -62,6 +63,8 @@ def _parser():
     sub.add_parser("info", help="versions, kernel backends, threads, GPU")
     g = sub.add_parser("gradcheck", help="check every op and layer's gradient numerically")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the "
+                   "inputs are tiny, and parallel kernels on tiny arrays only add overhead)")
     return p
 
 
@@ -92,8 +95,11 @@ def cmd_train(args):
     wall = time.perf_counter()
     device = _check_device(args.device)
     run = _run_settings(args)
-    if args.threads:
-        _set_threads(args.threads)
+    with _threads(args.threads):
+        return _train(args, device, run, wall)
+
+
+def _train(args, device, run, wall):
     try:
         train_set = data.load_mnist("train", args.data)
         test_set = data.load_mnist("test", args.data)
@@ -121,11 +127,12 @@ def cmd_train(args):
         return 1
     except train.ResumeError as err:  # a checkpoint that does not fit this run
         raise UsageError(str(err)) from None
-    test, seconds = result["test"], time.perf_counter() - wall
-    images = result["train"]["images"] if result["train"] else 0
+    test, train_s = result["test"], result["train_seconds"]
     print(f"test accuracy {100 * test['accuracy']:.2f}% (loss {test['loss']:.4f}) after "
-          f"{result['step']} steps | train+eval {result['seconds']:.1f} s, wall time "
-          f"{seconds:.1f} s ({images / max(result['seconds'], 1e-9):.0f} img/s) | {out}")
+          f"{result['step']} steps | training {train_s:.1f} s "
+          f"({result['images'] / max(train_s, 1e-9):.0f} img/s), evaluation "
+          f"{result['seconds'] - train_s:.1f} s, wall time {time.perf_counter() - wall:.1f} s "
+          f"| {out}")
     return 0
 
 
@@ -196,20 +203,33 @@ def _print_header(run, model, device, n_images, out):
           f"out {out}", flush=True)
 
 
-def _set_threads(n):
-    """Limit Numba's and (if threadpoolctl is installed) BLAS's thread pools to n threads."""
+@contextlib.contextmanager
+def _threads(n):
+    """Numba's and (if threadpoolctl is installed) BLAS's pools limited to n threads inside
+    the block; None leaves them alone. The previous counts come back afterwards."""
+    if not n:
+        yield
+        return
     F.kernel_backend(np.empty(1, np.float32))  # loads the CPU kernels, hence Numba
-    numba = sys.modules.get("numba")
-    if numba is not None:
-        try:
+    numba = sys.modules.get("numba")  # the Numba the kernels loaded (minires never imports it)
+    before = numba.get_num_threads() if numba is not None else None
+    try:
+        if numba is not None:
             numba.set_num_threads(n)
-        except ValueError as err:
-            raise UsageError(f"--threads {n}: {err}") from None
+    except ValueError as err:
+        raise UsageError(f"--threads {n}: {err}") from None
     try:
         import threadpoolctl  # optional: not a dependency of minires
-        threadpoolctl.threadpool_limits(n)
+        blas = threadpoolctl.threadpool_limits(n)
     except ImportError:
-        pass
+        blas = None
+    try:
+        yield
+    finally:
+        if blas is not None:
+            blas.restore_original_limits()
+        if before is not None:
+            numba.set_num_threads(before)
 
 
 def _numba_threads():
@@ -285,8 +305,13 @@ def _gpu_rows():
 def cmd_gradcheck(args):
     """`minires gradcheck`: a pass/fail table; exit code 1 if any case fails."""
     device = _check_device(args.device)
-    print(f"gradcheck on {device}: float64, eps 1e-6, atol 1e-5, rtol 1e-3 "
-          f"(full: every element; fast: one random direction per input)")
+    with _threads(args.threads):
+        return _gradcheck_table(device, args.threads)
+
+
+def _gradcheck_table(device, threads):
+    print(f"gradcheck on {device} ({threads} CPU thread(s)): float64, eps 1e-6, atol "
+          f"1e-5, rtol 1e-3 (full: every element; fast: one random direction per input)")
     print(f"{'case':<26} {'result':<6} {'mode':<5} {'max abs err':>11} {'max rel err':>11} "
           f"{'seconds':>7}")
     rows = []

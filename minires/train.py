@@ -214,7 +214,8 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
     the last good one survives a kill or a NaN. resume: a checkpoint path to continue from
     (bit-identically); `hparams` (model name, optimizer, ...) is stored and checked on resume.
     log: callable for one-line messages (default: print to stderr).
-    Returns {"step", "train" (last epoch's metrics), "test" (or None), "seconds"}.
+    Returns {"step", "train" (last epoch's metrics or None), "test" (or None), "images"
+    (trained on in this call), "train_seconds", "seconds" (training + evaluation)}.
     Raises NonFiniteLoss (with the last checkpoint named in its message) on NaN/inf.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -227,7 +228,7 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
         out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out / "metrics.csv", step) if out is not None else None
     saved = {"step": step if resume else None}
-    start, train = time.perf_counter(), None
+    start, train, images = time.perf_counter(), None, 0
 
     def save():
         if out is not None:
@@ -248,6 +249,7 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
             train = train_epoch(model, loader, optimizer, scheduler, step=step,
                                 on_step=on_step, progress=progress,
                                 desc=f"epoch {loader.epoch + 1}/{epochs}")
+            images += train["images"]
             if saved["step"] != step:
                 save()
     except NonFiniteLoss as err:
@@ -257,5 +259,7 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
     finally:
         if metrics is not None:
             metrics.close()
+    train_seconds = time.perf_counter() - start
     test = evaluate(model, test_loader) if test_loader is not None else None
-    return {"step": step, "train": train, "test": test, "seconds": time.perf_counter() - start}
+    return {"step": step, "train": train, "test": test, "images": images,
+            "train_seconds": train_seconds, "seconds": time.perf_counter() - start}

@@ -231,7 +231,7 @@ def train_losses(device, dtype, steps=15, lr=0.1):
 
 def test_training_step_on_device_decreases_loss_and_matches_cpu():
     gpu = train_losses("cuda", np.float32)
-    assert gpu[-1] < 0.5 * gpu[0], f"loss did not fall: {gpu}"
+    assert gpu[-1] < 0.1 * gpu[0], f"loss did not fall: {gpu}"  # CPU: 5.71 -> 0.063
     # float64, same init and data: the device run retraces the CPU run
     np.testing.assert_allclose(train_losses("cuda", np.float64, steps=5),
                                train_losses("cpu", np.float64, steps=5), **fwd_tol(np.float64))

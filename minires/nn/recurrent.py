@@ -26,7 +26,8 @@ class _Recurrent(Module):
     """Shared parts of RNN and LSTM: parameters, argument checks and the time loop.
 
     Subclasses set GATES (row blocks stacked in the weights) and implement
-    `_step(gates, state) -> (h, state)` and `_zero_state(x)`.
+    `_step(xw_t, state) -> (h, state)` (xw_t: the input half of the gates, (N, G*H)),
+    `_zero_state(x)` and `_check_state(x, state)`.
     """
 
     GATES = 1

@@ -1,0 +1,114 @@
+"""The `minires` command line, called in process through cli.main(argv) (its exit code)."""
+import csv
+
+import numpy as np
+import pytest
+
+from minires import backend, checkpoint, checks, cli, data
+from minires.tensor import Function
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:22].strip(): line[23:].strip() for line in out.splitlines()}  # "key  value"
+    assert rows["minires"] == "0.1.0" and rows["numpy"] == np.__version__
+    assert rows["kernels (cpu)"] in ("numba-cpu", "reference")
+    assert "gpu" in rows and "cupy" in rows
+    if rows["kernels (cpu)"] == "numba-cpu":
+        assert rows["numba threading layer"] in ("omp", "tbb", "workqueue")
+
+
+def test_gradcheck_every_case_passes(capsys):
+    assert cli.main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    names = [name for name, _, _ in checks.cases()]
+    assert len(names) > 45 and "conv2d" in names and "nn.BasicBlock" in names
+    for name in names:
+        assert any(line.startswith(f"{name} ") and " PASS " in line
+                   for line in out.splitlines()), name
+    assert f"{len(names)} of {len(names)} cases passed" in out
+
+
+class _WrongSquare(Function):
+    def forward(self, x):
+        self.save_for_backward(x)
+        return x * x
+
+    def backward(self, gy):
+        x, = self.saved
+        return gy * x  # should be 2 * gy * x
+
+
+def test_gradcheck_failure_exits_nonzero(monkeypatch, capsys):
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    monkeypatch.setattr(checks, "cases", lambda seed=0: [
+        ("wrong square", lambda t: _WrongSquare()(t), [x]), ("right", lambda t: t * t, [x])])
+    assert cli.main(["gradcheck"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert any(line.startswith("wrong square ") and " FAIL " in line for line in lines)
+    assert any(line.startswith("right ") and " PASS " in line for line in lines)
+    assert "1 of 2 cases passed" in captured.out
+    assert "numerical and analytical gradients differ" in captured.err
+
+
+@pytest.mark.skipif(backend.cupy_available(), reason="a GPU is present")
+@pytest.mark.parametrize("command", ["train", "gradcheck"])
+def test_cuda_without_gpu_is_one_clear_error(command, capsys):
+    assert cli.main([command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"minires {command}: error: device 'cuda' requested but no usable GPU")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_small_run_and_resume_checks(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--limit", "256", "--data", str(mnist_dir), "--out", str(out),
+            "--checkpoint-every", "3"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "model seed (10,890 parameters)" in captured.out
+    assert "test accuracy" in captured.out and "after 4 steps" in captured.out
+    rows = _rows(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["x_in"]) > 0 and float(r["x_res"]) > 0 for r in rows)
+    state = checkpoint.load(out / "checkpoint.npz")
+    assert state["step"] == 4 and state["hparams"]["model"] == "seed"
+    assert state["hparams"]["lr"] == cli.DEFAULT_LR[cli.DEFAULTS["optimizer"]]
+    ckpt = str(out / "checkpoint.npz")
+    assert cli.main(["train", "--resume", ckpt, "--model", "rezero"]) == 2
+    err = capsys.readouterr().err
+    assert "--model rezero differs from the checkpoint's model='seed'" in err
+    assert cli.main(["train", "--resume", str(tmp_path / "nope.npz")]) == 2
+    assert "nope.npz" in capsys.readouterr().err
+
+
+def test_train_nan_exits_nonzero(mnist_dir, tmp_path, capsys):
+    argv = ["train", "--limit", "256", "--data", str(mnist_dir), "--out", str(tmp_path),
+            "--optimizer", "sgd", "--lr", "1e4", "--schedule", "none", "--checkpoint-every",
+            "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3" in err and "(step 2)" in err
+    assert checkpoint.load(tmp_path / "checkpoint.npz")["step"] == 2
+
+
+def test_train_without_data_exits_nonzero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "MIRRORS", ["http://127.0.0.1:9/"])
+    assert cli.main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--data" in err and "MINIRES_DATA" in err
+
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--model", "vgg"])
+    assert info.value.code == 2
+    assert cli.main(["train", "--epochs", "0", "--limit", "10"]) == 2
+    assert "must be positive" in capsys.readouterr().err
