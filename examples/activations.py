@@ -27,13 +27,16 @@ def trace(module, x, name, maps):
     sum after the skip. Non-skip containers run their children in definition order (true of
     minires.models' nets). Returns the output Tensor."""
     if isinstance(module, (nn.Residual, nn.ReZero)):
+        _mark_skip_input(maps, f"{name}: x (skip input)", x)
         fx = trace(module.block, x, f"{name}.block", maps)
         if not isinstance(_last(module.block), nn.ReLU):
-            maps.append((f"{name} f(x)", C.host(fx)))
+            maps.append((f"{name}: f(x) (block output)", C.host(fx)))
+        else:
+            maps[-1] = (f"{maps[-1][0]} = f(x)", maps[-1][1])
         if getattr(module, "shortcut", None) is not None:
-            maps.append((f"{name} shortcut(x)", C.host(module.shortcut(x))))
+            maps.append((f"{name}: shortcut(x)", C.host(module.shortcut(x))))
         y = module(x)
-        maps.append((f"{name} after skip", C.host(y)))
+        maps.append((f"{name}: after the skip", C.host(y)))
         return y
     kids = list(module.named_children())
     if not kids:
@@ -44,6 +47,15 @@ def trace(module, x, name, maps):
     for child_name, child in kids:
         x = trace(child, x, f"{name}.{child_name}" if name else child_name, maps)
     return x
+
+
+def _mark_skip_input(maps, label, x):
+    """Label the last recorded map as the skip's input x, or record x if it is not that map."""
+    a = C.host(x)
+    if maps and maps[-1][1].shape == a.shape and np.array_equal(maps[-1][1], a):
+        maps[-1] = (f"{maps[-1][0]} = next x", a)
+    else:
+        maps.append((label, a))
 
 
 def _last(module):

@@ -8,6 +8,7 @@ the step where the block path's gradient first overtakes the skip path's.
 Writes grad_flow.csv (one row per seed and step), grad_flow.json (crossover steps, test
 accuracy) and grad_flow.png into --out.
 """
+import math
 import time
 
 import numpy as np
@@ -56,9 +57,23 @@ class InputProbe(nn.Module):
         return self.block(x)
 
 
+def pytorch_init(model, seed):
+    """Redraw every conv and linear weight and bias as PyTorch's default initialisation does:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), about 2.4x smaller than minires's Kaiming normal."""
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            bound = 1.0 / math.sqrt(math.prod(m.weight.shape[1:]))
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data[...] = rng.uniform(-bound, bound, p.shape)
+
+
 def run(args, seed, test):
     """Train one seed; returns (rows: list of per-step dicts, summary dict)."""
     model = models.seed_net(args.channels, skip=args.skip, rng=seed, track_grad_norms=True)
+    if args.init == "pytorch":
+        pytorch_init(model, seed)
     if args.skip == "none":
         model.skip = InputProbe(model.skip)
     rows = []
@@ -130,7 +145,7 @@ def plot(rows, summaries, args, path):
         if "alpha" in ax:
             ax["alpha"].plot(step, _column(mine, "alpha"), color=color)
     ax["norms"].set(yscale="log", ylabel="gradient L2 norm",
-                    title=f"seed net ({args.skip}), Adam lr {args.lr:g}, batch "
+                    title=f"seed net ({args.skip}, {args.init} init), Adam lr {args.lr:g}, batch "
                           f"{args.batch_size}: solid x_in (into the block), dashed x_res (skip)")
     ax["norms"].legend(fontsize=7, ncol=len(summaries))
     if "ratio" in ax:
@@ -151,6 +166,9 @@ def main(argv=None):
                    help="one run per seed (default 0 1 2); --seed is ignored")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--init", choices=("kaiming", "pytorch"), default="kaiming",
+                   help="minires's Kaiming-normal weights (default) or PyTorch's default "
+                   "uniform ones (the reference PyTorch runs)")
     p.add_argument("--window", type=int, default=50, help="moving-average window in steps")
     args = p.parse_args(argv)
     out, test = C.out_dir(args), C.test_loader(args)

@@ -23,10 +23,8 @@ class Removed(nn.Module):
         self.relu = getattr(block, "relu", False)
 
     def forward(self, x):
-        if self.shortcut is None:
-            return x  # an identity skip (x is already a ReLU output, so relu(x) == x)
-        y = self.shortcut(x)
-        return F.relu(y) if self.relu else y
+        y = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(y) if self.relu else y  # in the nets x >= 0 already: relu(x) == x
 
 
 def block_kind(block):

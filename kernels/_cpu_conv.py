@@ -121,6 +121,27 @@ def _emit(acc, y, n0, cnt, o, geo):
                 dst[j] = row[j]
 
 
+@njit(cache=True, nogil=True)
+def _correlate_part(src, wt, bias, geo, offs, y, buf, a0, a1, first, stop, chunks):
+    """Work items first..stop-1 of correlate, on one thread's scratch."""
+    nimg, nout = src.shape[0], wt.shape[0]
+    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2  # even: pairs never straddle chunks
+    last = -1
+    for task in range(first, stop):
+        n0, cnt, length = _block(nimg, task // chunks, geo)
+        if task // chunks != last:
+            _pack_block(src, n0, cnt, buf, geo)
+            last = task // chunks
+        lo = (task % chunks) * per
+        for o0 in range(lo, min(lo + per, nout), 2):
+            o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
+            for p in range(length):
+                a0[p], a1[p] = bias[o0], bias[o1]
+            _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length)
+            _emit(a0, y, n0, cnt, o0, geo)
+            _emit(a1, y, n0, cnt, o1, geo)
+
+
 @njit(cache=True, parallel=True)
 def correlate(src, wt, bias, geo, offs, y, bufs, accs, threads, chunks):
     """y[n, o] = bias[o] + sum_{c,t} wt[o, c, t] * packed(src[n])[c, offs[t] + grid].
@@ -128,26 +149,12 @@ def correlate(src, wt, bias, geo, offs, y, bufs, accs, threads, chunks):
     src (N, C, H, W), wt (O, C, T), bias (O,), y (N, O, OH, OW). bufs (threads, C, S) and
     accs (threads, 2, L) are per-thread scratch. Work items are (block of images, chunk of
     output channels), split statically over `threads`; a thread packs a block once per run.
+    The parallel body is one call (a small parfor compiles fast).
     """
-    nimg, nout = src.shape[0], wt.shape[0]
-    tasks = -(-nimg // geo[14]) * chunks
-    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2  # even: pairs never straddle chunks
+    tasks = -(-src.shape[0] // geo[14]) * chunks
     for th in prange(threads):
-        buf, a0, a1 = bufs[th], accs[th, 0], accs[th, 1]
-        last = -1
-        for task in range(th * tasks // threads, (th + 1) * tasks // threads):
-            n0, cnt, length = _block(nimg, task // chunks, geo)
-            if task // chunks != last:
-                _pack_block(src, n0, cnt, buf, geo)
-                last = task // chunks
-            lo = (task % chunks) * per
-            for o0 in range(lo, min(lo + per, nout), 2):
-                o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
-                for p in range(length):
-                    a0[p], a1[p] = bias[o0], bias[o1]
-                _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length)
-                _emit(a0, y, n0, cnt, o0, geo)
-                _emit(a1, y, n0, cnt, o1, geo)
+        _correlate_part(src, wt, bias, geo, offs, y, bufs[th], accs[th, 0], accs[th, 1],
+                        th * tasks // threads, (th + 1) * tasks // threads, chunks)
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
@@ -220,38 +227,39 @@ def _gy_grid(gy, n0, cnt, o, grid, length, geo):
     return s
 
 
-@njit(cache=True, parallel=True)
-def weight_grad(gy, src, geo, offs, gw, gb, bufs, grids, parts, bparts, threads, chunks):
-    """gw[o, c, t] = sum_n sum_grid gy[n, o] * packed(src[n])[c, offs[t] + grid], gb[o] =
-    sum gy[n, o].
-
-    gy (N, O, OH, OW), src (N, C, H, W), gw (O, C, T), gb (O,). Scratch: bufs (threads, C, S),
-    grids (threads, 2, L) zero outside the valid positions, parts (threads, O + 1, C, T) and
-    bparts (threads, O) per-thread partial sums (parts[:, O] absorbs the dummy channel of an
-    odd O), reduced at the end: no atomics.
-    """
+@njit(cache=True, nogil=True)
+def _weight_part(gy, src, geo, offs, buf, g0, g1, part, bpart, first, stop, chunks):
+    """Work items first..stop-1 of weight_grad, summed into one thread's part and bpart."""
     nimg, nout = gy.shape[0], gy.shape[1]
-    tasks = -(-nimg // geo[14]) * chunks
     per = ((nout + chunks - 1) // chunks + 1) // 2 * 2
+    part[:] = 0
+    bpart[:] = 0
+    last = -1
+    for task in range(first, stop):
+        n0, cnt, length = _block(nimg, task // chunks, geo)
+        if task // chunks != last:
+            _pack_block(src, n0, cnt, buf, geo)
+            last = task // chunks
+        lo = (task % chunks) * per
+        for o0 in range(lo, min(lo + per, nout), 2):
+            o1 = o0 + 1 if o0 + 1 < nout else nout  # odd O: row nout is a dummy
+            bpart[o0] += _gy_grid(gy, n0, cnt, o0, g0, length, geo)
+            if o1 < nout:
+                bpart[o1] += _gy_grid(gy, n0, cnt, o1, g1, length, geo)
+            _weight_pair(buf, g0, g1, offs, part[o0], part[o1], length)
+
+
+@njit(cache=True, parallel=True)
+def weight_grad(gy, src, geo, offs, bufs, grids, parts, bparts, threads, chunks):
+    """parts[th, o, c, t] = thread th's share of sum_n sum_grid gy[n, o] *
+    packed(src[n])[c, offs[t] + grid]; bparts[th, o] its share of sum gy[n, o].
+
+    gy (N, O, OH, OW), src (N, C, H, W). Scratch: bufs (threads, C, S), grids (threads, 2, L)
+    zero outside the valid positions; parts (threads, O + 1, C, T) (parts[:, O] absorbs the
+    dummy channel of an odd O) and bparts (threads, O), summed over threads by the caller:
+    no atomics.
+    """
+    tasks = -(-gy.shape[0] // geo[14]) * chunks
     for th in prange(threads):
-        part, bpart, buf, g0, g1 = parts[th], bparts[th], bufs[th], grids[th, 0], grids[th, 1]
-        part[:] = 0
-        bpart[:] = 0
-        last = -1
-        for task in range(th * tasks // threads, (th + 1) * tasks // threads):
-            n0, cnt, length = _block(nimg, task // chunks, geo)
-            if task // chunks != last:
-                _pack_block(src, n0, cnt, buf, geo)
-                last = task // chunks
-            lo = (task % chunks) * per
-            for o0 in range(lo, min(lo + per, nout), 2):
-                o1 = o0 + 1 if o0 + 1 < nout else nout  # odd O: row nout is a dummy
-                bpart[o0] += _gy_grid(gy, n0, cnt, o0, g0, length, geo)
-                if o1 < nout:
-                    bpart[o1] += _gy_grid(gy, n0, cnt, o1, g1, length, geo)
-                _weight_pair(buf, g0, g1, offs, part[o0], part[o1], length)
-    gw[:] = parts[0, :nout]
-    gb[:] = bparts[0]
-    for th in range(1, threads):
-        gw += parts[th, :nout]
-        gb += bparts[th]
+        _weight_part(gy, src, geo, offs, bufs[th], grids[th, 0], grids[th, 1], parts[th],
+                     bparts[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)

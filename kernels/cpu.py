@@ -166,8 +166,6 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
     nout, nin, kh, kw = w_shape
     plan = _forward_plan(x.shape, nout, kh, kw, stride, padding)
     threads, dtype = plan.threads, x.dtype
-    gw = np.empty((nout, nin, kh * kw), dtype=dtype)
-    gb = np.empty(nout, dtype=dtype)
     keys = [("pack", x.shape[1:], plan.geo.tobytes(), plan.size, dtype.str, threads),
             ("gygrid", plan.geo.tobytes(), dtype.str, threads),
             ("parts", nout, nin, kh * kw, dtype.str, threads),
@@ -176,12 +174,13 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
               (threads, nout + 1, nin, kh * kw), (threads, nout)]
     arrays = [scratch.borrow(k, s, dtype) for k, s in zip(keys, shapes)]
     try:
-        _launch(cc.weight_grad, gy, x, plan.geo, plan.offs, gw, gb, *arrays, threads,
-                plan.chunks)
+        _launch(cc.weight_grad, gy, x, plan.geo, plan.offs, *arrays, threads, plan.chunks)
+        gw = arrays[2][:, :nout].sum(axis=0).reshape(w_shape)  # fresh arrays
+        gb = arrays[3].sum(axis=0) if bias else None
     finally:
         for k, a in zip(keys, arrays):
             scratch.give_back(k, a)
-    return gw.reshape(w_shape), (gb if bias else None)
+    return gw, gb
 
 
 # --- elementwise --------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def max_pool2d_forward_kernel(x, kh, kw, sh, sw, y, argmax):
     for i in range(kh):
         for j in range(kw):
             v = x[n, c, p * sh + i, q * sw + j]
-            if v >= best:  # strict: ties keep the first tap
+            if v > best:  # strict: ties keep the first tap
                 best, at = v, i * kw + j
     y[n, c, p, q] = best
     argmax[n, c, p, q] = at
@@ -248,9 +248,9 @@ def _check_arrays(op, arrays):
 
     A NumPy array on a real GPU is refused: Numba would silently copy it there and back."""
     device = [is_device_array(a) for a in arrays]
-    if all(device) and not SIMULATOR:
+    if arrays and all(device) and not SIMULATOR:
         return array_module(arrays[0])
-    if SIMULATOR and not any(device) and all(isinstance(a, np.ndarray) for a in arrays):
+    if arrays and SIMULATOR and all(isinstance(a, np.ndarray) for a in arrays):
         return np
     kinds = ", ".join(type(a).__name__ for a in arrays)
     want = "NumPy arrays (the CUDA simulator is on)" if SIMULATOR else "CuPy (device) arrays"

@@ -25,9 +25,9 @@ MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip co
 }
 # Defaults chosen so that `minires train` reaches >= 98% test accuracy in one epoch with the
 # seed net (measured; see the README). --lr defaults per optimizer.
-DEFAULTS = dict(model="seed", optimizer="adam", lr=None, schedule="onecycle", epochs=1,
+DEFAULTS = dict(model="seed", optimizer="sgd", lr=None, schedule="onecycle", epochs=1,
                 batch_size=64, seed=0, limit=0)
-DEFAULT_LR = {"sgd": 0.05, "adam": 3e-3, "adamw": 3e-3}
+DEFAULT_LR = {"sgd": 0.05, "adam": 5e-3, "adamw": 5e-3}  # SGD: momentum 0.9, Nesterov
 RUN_KEYS = tuple(DEFAULTS)  # what defines a run: stored in checkpoints, checked on --resume
 EVAL_BATCH = 500
 
@@ -45,7 +45,8 @@ def _parser():
     t.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
     t.add_argument("--lr", type=float, help=f"learning rate (peak for onecycle; default "
                    f"{DEFAULT_LR})")
-    t.add_argument("--optimizer", choices=sorted(DEFAULT_LR), help="default adam")
+    t.add_argument("--optimizer", choices=sorted(DEFAULT_LR), help="sgd (default; momentum "
+                   "0.9, Nesterov), adam or adamw")
     t.add_argument("--schedule", choices=("none", "cosine", "onecycle"), help="per-step "
                    f"learning-rate schedule (default {DEFAULTS['schedule']})")
     t.add_argument("--model", choices=tuple(MODELS), help="seed (default), rezero, plain "

@@ -118,7 +118,8 @@ class Tensor:
     def register_hook(self, fn):
         """Call `fn(grad_array)` once this tensor's gradient is fully accumulated in backward.
 
-        A hook that returns an array replaces the gradient passed on.
+        A hook that returns an array replaces the gradient passed on. Hooks must not modify
+        the array in place: backward may hand one array to several inputs (as Add does).
         """
         if not self.requires_grad:
             raise RuntimeError("register_hook: tensor does not require grad")
@@ -136,7 +137,10 @@ class Tensor:
             raise RuntimeError("backward: tensor does not require grad and has no graph")
         gy = self._initial_grad(gy)
         grads = {id(self): gy}  # pending gradients of non-processed tensors, keyed by identity
-        for t in _topological_order(self):
+        order = _topological_order(self)
+        order.reverse()
+        while order:
+            t = order.pop()  # popping drops our reference, so processed tensors can be freed
             g = grads.pop(id(t), None)
             if g is None:
                 continue

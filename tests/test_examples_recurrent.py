@@ -73,6 +73,10 @@ def test_superres_resampling_closed_form():
                                **tol("fwd_f64"))
     pred = np.full((2, 1, 2, 2), 0.5)
     np.testing.assert_allclose(example.psnr(pred, pred - 0.1), [20.0, 20.0], **tol("fwd_f64"))
+    losses = [(1, 5.0), (2, 1.0), (3, 0.5), (4, 0.1)]
+    assert example.first_step_below(losses, 1.0, k=2) == 3  # trailing means 5, 3, 0.75
+    assert example.first_step_below(losses, 2.0, k=1) == 2
+    assert example.first_step_below(losses, 0.01) is None
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])

@@ -12,8 +12,15 @@ import pytest
 
 import minires.ops as F
 from conftest import REPO, TRAIN_SMOKE_ACCURACY
-from minires import checkpoint, data, models, optim, train
+from minires import checkpoint, cli, data, models, optim, train
 from minires.tensor import Tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batches of 16-32 images: one thread is as fast, and far steadier on a busy machine."""
+    with cli._threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,12 @@ class ResidualAdd(Function):
 
     def backward(self, gy):
         y, fx, alpha = self.saved
+        if alpha is None and not self.relu:
+            return gy, gy  # y = x + fx: both gradients are gy itself, no pass over memory
         if alpha is not None and fx is None:
-            # alpha is a constant: its gradient is not needed, the kernel skips it
-            gx, gfx, _ = kernels.residual_add_backward(gy, y, gy, alpha, self.relu)
-            return gx, gfx, None
+            # alpha is a constant: no galpha reduction needed, so skip the fused kernel
+            g = kernels.relu_backward(gy, y) if self.relu else gy
+            return g, g * alpha.reshape(()), None
         return kernels.residual_add_backward(gy, y, fx, alpha, self.relu)[:len(self.inputs)]
 
 

@@ -13,11 +13,10 @@ import pytest
 from conftest import fwd_tol
 from kernels import reference as ref
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
-                       reason="needs NUMBA_ENABLE_CUDASIM=1 (run by tests/test_kernels_cuda.py)"),
-]
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (tests/test_kernels_cuda.py runs it that way)",
+                allow_module_level=True)
+pytestmark = pytest.mark.cuda
 
 DTYPES = [np.float32, np.float64]
 # (x shape, w shape, stride, padding): same/valid, strided, rectangular, 1x1, asymmetric
