@@ -68,33 +68,32 @@ def _tracked_skip(model):
 
 def train_epoch(model, loader, optimizer, scheduler=None, *, step=0, on_step=None,
                 progress=None, desc="train"):
-    """Train over the rest of the loader's current epoch (from its saved position).
+    """Train over the rest of the DataLoader's current epoch (from its saved position).
 
-    on_step(record) is called after every step with a dict of CSV_FIELDS (step is global:
-    `step` + steps taken so far). progress: True shows a tqdm bar on stderr, None only on a
+    on_step(record) is called after every step with a dict of CSV_FIELDS; its step is global
+    (`step` + steps taken here). progress: True shows a tqdm bar on stderr, None only on a
     terminal, False never. Returns {"loss", "accuracy", "steps", "images", "seconds",
     "images_per_s"} over the steps taken here.
     """
     model.train()
     skip = _tracked_skip(model)
-    size = len(loader.labels) if hasattr(loader, "labels") else None
-    done = loader.state_dict()["batch"] * loader.batch_size if hasattr(loader, "state_dict") \
-        else 0
+    done = loader.state_dict()["batch"] * loader.batch_size  # images already seen (resume)
     total_loss, correct, images, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
-    with tqdm(total=size, initial=min(done, size or 0), unit="img", desc=desc,
-              disable=_disabled(progress), file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=len(loader.labels), initial=min(done, len(loader.labels)), unit="img",
+              desc=desc, disable=_disabled(progress), file=sys.stderr,
+              dynamic_ncols=True) as bar:
         for x, y in loader:
-            epoch = loader.epoch if hasattr(loader, "epoch") else 0
-            n_before = len(skip.grad_norms) if skip is not None else 0
+            seen = len(skip.grad_norms) if skip is not None else 0
             loss, ok, lr = train_step(model, x, y, optimizer, scheduler, step + steps + 1)
             steps, images = steps + 1, images + len(y)
             total_loss, correct = total_loss + loss * len(y), correct + ok
-            norms = skip.grad_norms[-1] if skip is not None and \
-                len(skip.grad_norms) > n_before else (None, None)
+            # the norms this step's backward recorded, if any
+            x_in, x_res = skip.grad_norms[-1] if seen < len(getattr(skip, "grad_norms", ())) \
+                else (None, None)
             if on_step is not None:
-                on_step(dict(step=step + steps, epoch=epoch, loss=loss, accuracy=ok / len(y),
-                             lr=lr, x_in=norms[0], x_res=norms[1]))
+                on_step(dict(step=step + steps, epoch=loader.epoch, loss=loss,
+                             accuracy=ok / len(y), lr=lr, x_in=x_in, x_res=x_res))
             bar.update(len(y))
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / images:.4f}", refresh=False)
     seconds = time.perf_counter() - start
@@ -227,14 +226,14 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out / "metrics.csv", step) if out is not None else None
-    saved = {"step": step if resume else None}
+    saved = {"step": step, "path": resume} if resume else {"step": None, "path": None}
     start, train, images = time.perf_counter(), None, 0
 
     def save():
         if out is not None:
             state = training_state(model, optimizer, scheduler, loader, step, hparams)
             checkpoint.save(state, out / CHECKPOINT_NAME)
-            saved["step"] = step
+            saved.update(step=step, path=out / CHECKPOINT_NAME)
 
     def on_step(record):
         nonlocal step
@@ -253,8 +252,8 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
             if saved["step"] != step:
                 save()
     except NonFiniteLoss as err:
-        where = (f"last good checkpoint: {out / CHECKPOINT_NAME} (step {saved['step']})"
-                 if saved["step"] is not None else "no checkpoint was written")
+        where = (f"last good checkpoint: {saved['path']} (step {saved['step']})"
+                 if saved["path"] is not None else "no checkpoint was written")
         raise NonFiniteLoss(f"{err}; {where}", err.step) from None
     finally:
         if metrics is not None:
