@@ -95,7 +95,8 @@ def train_epoch(model, loader, optimizer, scheduler=None, *, step=0, on_step=Non
                 on_step(dict(step=step + steps, epoch=loader.epoch, loss=loss,
                              accuracy=ok / len(y), lr=lr, x_in=x_in, x_res=x_res))
             bar.update(len(y))
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / images:.4f}", refresh=False)
+            bar.set_postfix({"loss": f"{loss:.4f}", "acc": f"{correct / images:.4f}"},
+                            refresh=False)
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(images, 1), "accuracy": correct / max(images, 1),
             "steps": steps, "images": images, "seconds": seconds,

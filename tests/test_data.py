@@ -23,7 +23,7 @@ def _copy_split(src, dst, split="test"):
 def _rewrite(path, transform):
     """Replace path's gzip payload by transform(payload) (a well-formed gzip again)."""
     body = bytearray(gzip.decompress(path.read_bytes()))
-    path.write_bytes(gzip.compress(bytes(transform(body))))
+    path.write_bytes(gzip.compress(bytes(transform(body)), compresslevel=1))
 
 
 def test_load_mnist_shapes_dtypes_and_first_labels(mnist_dir):
