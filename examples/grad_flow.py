@@ -25,20 +25,22 @@ def crossover(x_in, x_res, window=50):
 
     x_in, x_res: per-step norms (same length). Both are smoothed with a centred moving
     average of `window` steps. Returns a dict: step (1-based, or None), status ("crossed",
-    "never": x_in stayed at or below x_res, "from_start": x_in was larger from step 1) and
-    stays_above (after the crossing, the smoothed x_in never fell back to or below x_res).
+    "never": x_in stayed at or below x_res, "from_start": x_in was larger from step 1),
+    stays_above (after the crossing, the smoothed x_in never fell back to or below x_res) and
+    above_from (the step from which x_in stays above to the end; None if it ends below).
     """
     if len(x_in) != len(x_res) or len(x_in) == 0:
         raise ValueError(f"crossover: x_in and x_res must be non-empty and of one length, got "
                          f"{len(x_in)} and {len(x_res)}")
     above = C.moving_average(x_in, window) > C.moving_average(x_res, window)
+    below = np.flatnonzero(~above)
+    above_from = None if not above[-1] else 1 if below.size == 0 else int(below[-1]) + 2
     if above[0]:
-        return {"step": None, "status": "from_start", "stays_above": bool(above.all())}
-    hits = np.flatnonzero(above)
-    if hits.size == 0:
-        return {"step": None, "status": "never", "stays_above": False}
-    return {"step": int(hits[0]) + 1, "status": "crossed",
-            "stays_above": bool(above[hits[0]:].all())}
+        return {"step": None, "status": "from_start", "stays_above": bool(above.all()),
+                "above_from": above_from}
+    step = int(np.argmax(above)) + 1 if above.any() else None
+    return {"step": step, "status": "never" if step is None else "crossed",
+            "stays_above": step is not None and step == above_from, "above_from": above_from}
 
 
 class InputProbe(nn.Module):
@@ -111,12 +113,19 @@ def describe(s, window):
         line += f"x_in/x_res {s['ratio_start']:.2f} -> {s['ratio_end']:.2f} (moving average " \
                 f"over {window} steps); "
         line += {"crossed": f"the block path overtook the skip path at step {c['step']} of "
-                            f"{s['steps']}" + ("" if c["stays_above"] else
-                                               " (not for good: it fell back later)"),
+                            f"{s['steps']}" + _relapse(c),
                  "never": "the block path did NOT overtake the skip path",
                  "from_start": "the block path was larger from the first step"}[c["status"]]
         line += "; "
     return line + f"test accuracy {100 * s['test_accuracy']:.2f}%, {s['seconds']:.0f} s"
+
+
+def _relapse(c):
+    if c["stays_above"]:
+        return ""
+    if c["above_from"] is None:
+        return " but fell back below it by the end"
+    return f" and, after falling back, stayed above from step {c['above_from']}"
 
 
 def plot(rows, summaries, args, path):

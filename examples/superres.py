@@ -133,7 +133,7 @@ def plot(test, outputs, losses, psnrs, path, k=6):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(8, 9))
+    fig = plt.figure(figsize=(8, 8.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[2.4, 1])
     rows = [("input 14x14", test["low"], None),
             (f"{test['mode']} upscale", test["up"], "upscale")]
@@ -153,7 +153,7 @@ def plot(test, outputs, losses, psnrs, path, k=6):
     ax.axhline(test["up_mse"], color="gray", ls=":", label="upscale alone (test MSE)")
     ax.set(xlabel="step", ylabel="training MSE")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -177,6 +177,25 @@ def parse_args(argv):
     return args
 
 
+def write_csvs(out, psnrs, losses, up_mse, n_test):
+    """superres.csv (loss per step) and superres_summary.csv (PSNR per variant); prints it."""
+    with open(out / "superres.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "variant", "loss"])
+        writer.writerows((s, name, v) for name in VARIANTS for s, v in losses[name])
+    with open(out / "superres_summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "test_psnr_db", "final_train_mse", "first_step_below_upscale"])
+        writer.writerow(["upscale", psnrs["upscale"], "", ""])
+        print(f" upscale: test PSNR {psnrs['upscale']:.2f} dB over {n_test} images")
+        for name in VARIANTS:
+            below = first_step_below(losses[name], up_mse)
+            writer.writerow([name, psnrs[name], np.mean([v for _, v in losses[name][-20:]]),
+                             below])
+            print(f"{name:>8}: test PSNR {psnrs[name]:.2f} dB; training MSE below the "
+                  f"upscale's test MSE from step {below}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
@@ -186,27 +205,14 @@ def main(argv=None):
                            args.device, args.upscale)
     x_test, y_test = test_batches.pairs(np.arange(len(test_batches.images)))
     psnrs = {"upscale": float(psnr(x_test, y_test).mean())}
-    up_mse = float(image_mse(x_test, y_test).mean())
     outputs, losses = {}, {}
     for name in VARIANTS:
         model, losses[name] = train_variant(name, args, train_images)
         pred = predict(model, x_test)
         psnrs[name] = float(psnr(pred, y_test).mean())
         outputs[name] = backend.to_device(pred[:8], "cpu")
-    with open(out / "superres.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "variant", "loss"])
-        writer.writerows((s, name, v) for name in VARIANTS for s, v in losses[name])
-    with open(out / "superres_summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["variant", "test_psnr_db", "final_train_mse", "first_step_below_upscale"])
-        for name, value in psnrs.items():
-            mine = losses.get(name)
-            final = np.mean([v for _, v in mine[-20:]]) if mine else ""
-            below = first_step_below(mine, up_mse) if mine else ""
-            writer.writerow([name, value, final, below])
-            print(f"{name:>8}: test PSNR {value:.2f} dB over {len(x_test)} images"
-                  + (f", training MSE below the upscale's from step {below}" if mine else ""))
+    up_mse = float(image_mse(x_test, y_test).mean())
+    write_csvs(out, psnrs, losses, up_mse, len(x_test))
     host = lambda a: backend.to_device(a[:8], "cpu")  # noqa: E731
     test = {"low": host(downscale(y_test)), "up": host(x_test), "hr": host(y_test),
             "mode": args.upscale, "up_mse": up_mse}

@@ -94,43 +94,61 @@ def residual_backward(gy, y, fx, alpha, relu, want_galpha, gx, gfx, parts, chunk
         parts[k] = _masked_dot(a, fx[lo:hi]) if want_galpha else 0.0
 
 
-@njit(cache=True, parallel=True)
-def max_pool_forward(x, kh, kw, sh, sw, y, argmax, chunks):
-    """y[n, c, i, j] = max of x's (kh, kw) window at (i*sh, j*sw); argmax the tap index
-    a*kw + b of its first maximum (later equal values do not replace it, NaN never wins)."""
-    nimg, nch = x.shape[0], x.shape[1]
-    planes = nimg * nch
-    for k in prange(chunks):
-        for pl in range(k * planes // chunks, (k + 1) * planes // chunks):
-            xs, ys, am = x[pl // nch, pl % nch], y[pl // nch, pl % nch], argmax[pl // nch,
-                                                                                   pl % nch]
-            for i in range(ys.shape[0]):
-                for j in range(ys.shape[1]):
-                    best = xs[i * sh, j * sw]
-                    where = 0
-                    for a in range(kh):
-                        row = xs[i * sh + a]
-                        for b in range(kw):
-                            v = row[j * sw + b]
-                            if v > best:
-                                best = v
-                                where = a * kw + b
-                    ys[i, j] = best
-                    am[i, j] = where
+@njit(cache=True, nogil=True)
+def _pool_plane(x, at, width, oh, ow, kh, kw, sh, sw, y, am, out):
+    """One (H, W) plane starting at flat offset `at` of x into y[out:out + oh*ow] and am."""
+    for i in range(oh):
+        for j in range(ow):
+            corner = at + i * sh * width + j * sw
+            best = x[corner]
+            where = 0
+            for a in range(kh):
+                row = corner + a * width
+                for b in range(kw):
+                    v = x[row + b]
+                    better = v > best  # selects, not branches: random data mispredicts
+                    best = v if better else best
+                    where = a * kw + b if better else where
+            y[out] = best
+            am[out] = where
+            out += 1
 
 
 @njit(cache=True, parallel=True)
-def max_pool_backward(gy, argmax, kw, sh, sw, gx, chunks):
-    """gx = 0, then each window's gy added at its argmax tap (overlapping windows add up)."""
-    nimg, nch = gy.shape[0], gy.shape[1]
-    planes = nimg * nch
-    zero = gy.dtype.type(0)
+def max_pool_forward(x, planes, height, width, kh, kw, sh, sw, y, argmax, chunks):
+    """y = max of x's (kh, kw) window at (i*sh, j*sw) of each plane; argmax the tap index
+    a*kw + b of its first maximum (later equal values do not replace it, NaN never wins).
+
+    x, y, argmax flat: `planes` planes of (height, width) and (OH, OW).
+    """
+    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
     for k in prange(chunks):
         for pl in range(k * planes // chunks, (k + 1) * planes // chunks):
-            n, c = pl // nch, pl % nch
-            gs, am, out = gy[n, c], argmax[n, c], gx[n, c]
-            out[:] = zero
-            for i in range(gs.shape[0]):
-                for j in range(gs.shape[1]):
-                    a = am[i, j]
-                    out[i * sh + a // kw, j * sw + a % kw] += gs[i, j]
+            _pool_plane(x, pl * height * width, width, oh, ow, kh, kw, sh, sw, y, argmax,
+                        pl * oh * ow)
+
+
+@njit(cache=True, nogil=True)
+def _unpool_plane(gy, am, at, oh, ow, kw, sh, sw, width, plane):
+    """plane (H*W flat) = 0, then each window's gy (flat from `at`) added at its argmax."""
+    zero = plane.dtype.type(0)
+    for p in range(plane.shape[0]):
+        plane[p] = zero
+    for i in range(oh):
+        for j in range(ow):
+            a = am[at]
+            plane[(i * sh + a // kw) * width + j * sw + a % kw] += gy[at]
+            at += 1
+
+
+@njit(cache=True, parallel=True)
+def max_pool_backward(gy, argmax, planes, oh, ow, kw, sh, sw, gx, chunks):
+    """gx = 0, then each window's gy added at its argmax tap (overlapping windows add up).
+
+    gy, argmax flat (`planes` planes of (oh, ow)); gx (planes, H, W).
+    """
+    width = gx.shape[2]
+    for k in prange(chunks):
+        for pl in range(k * planes // chunks, (k + 1) * planes // chunks):
+            _unpool_plane(gy, argmax, pl * oh * ow, oh, ow, kw, sh, sw, width,
+                          gx[pl].reshape(-1))

@@ -15,6 +15,7 @@ import numpy as np
 
 from kernels import _cpu_conv as cc
 from kernels import _cpu_eltwise as ce
+from kernels import _cpu_memory
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
@@ -32,44 +33,8 @@ def _launch(kernel, *args):
         kernel(*args)
 
 
-# --- scratch: per-thread padded copies and partial sums, reused across calls --------------
-class _Scratch:
-    """A bounded pool of zero-initialised scratch arrays keyed by (role, shape, dtype).
-
-    `borrow` hands out an array no other call is using (so concurrent Python threads never
-    share one); `give_back` returns it. Arrays handed out stay zero wherever kernels never write
-    (padding), which is why a key must fully determine the written region.
-    """
-
-    def __init__(self, max_keys=48):
-        self._lock = threading.Lock()
-        self._free = collections.OrderedDict()  # key -> list of idle arrays, LRU order
-        self._max_keys = max_keys
-
-    def borrow(self, key, shape, dtype):
-        with self._lock:
-            idle = self._free.get(key)
-            if idle:
-                self._free.move_to_end(key)
-                return idle.pop()
-        return np.zeros(shape, dtype=dtype)
-
-    def give_back(self, key, array):
-        with self._lock:
-            idle = self._free.setdefault(key, [])
-            self._free.move_to_end(key)
-            if len(idle) < 4:
-                idle.append(array)
-            while len(self._free) > self._max_keys:
-                self._free.popitem(last=False)
-
-    def clear(self):
-        """Drop every idle buffer (frees the memory)."""
-        with self._lock:
-            self._free.clear()
-
-
-scratch = _Scratch()
+scratch = _cpu_memory.Scratch()  # padded copies, grids, per-thread partial sums
+outputs = _cpu_memory.Recycler()  # big output arrays, reused once nobody references them
 
 
 def _threads():
@@ -82,7 +47,7 @@ def _chunks_for(n):
 
 # --- convolution layouts ------------------------------------------------------------------
 _Plan = collections.namedtuple("_Plan", "geo offs size length chunks threads")
-_GRID_TARGET = 1536  # stack small images until a block's grid is about this long
+_GRID_TARGET = 3700  # stack small images until a block's grid is about this long
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,7 +87,7 @@ def _forward_plan(x_shape, nout, kh, kw, stride, padding):
 def _correlate(src, wt, bias, plan, out_shape):
     """Run cc.correlate over fresh output (N, O, OH, OW) with pooled per-thread scratch."""
     threads, dtype = plan.threads, src.dtype
-    y = np.empty(out_shape, dtype=dtype)
+    y = outputs.empty(out_shape, dtype=dtype)
     bkey = ("pack", src.shape[1:], plan.geo.tobytes(), plan.size, dtype.str, threads)
     akey = ("grid", plan.length, dtype.str, threads)
     bufs = scratch.borrow(bkey, (threads, src.shape[1], plan.size), dtype)
@@ -190,14 +155,14 @@ def _flat(a):
 
 def relu_forward(x):
     """max(x, 0), a new array of x's shape and dtype."""
-    y = np.empty(x.shape, dtype=x.dtype)
+    y = outputs.empty(x.shape, dtype=x.dtype)
     _launch(ce.relu_forward, _flat(x), y.reshape(-1), _chunks_for(x.size))
     return y
 
 
 def relu_backward(gy, y):
     """gy where the forward output y > 0, else 0 (a new array)."""
-    gx = np.empty(gy.shape, dtype=gy.dtype)
+    gx = outputs.empty(gy.shape, dtype=gy.dtype)
     _launch(ce.relu_backward, _flat(gy), _flat(y), gx.reshape(-1), _chunks_for(gy.size))
     return gx
 
@@ -208,7 +173,7 @@ def _alpha_value(alpha, dtype):
 
 def residual_add_forward(x, fx, alpha, relu):
     """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
-    y = np.empty(x.shape, dtype=x.dtype)
+    y = outputs.empty(x.shape, dtype=x.dtype)
     _launch(ce.residual_forward, _flat(x), _flat(fx), _alpha_value(alpha, x.dtype),
             bool(relu), y.reshape(-1), _chunks_for(x.size))
     return y
@@ -220,7 +185,7 @@ def residual_add_backward(gy, y, fx, alpha, relu):
     y is read only when relu, fx only when alpha is given.
     """
     dtype, chunks = gy.dtype, _chunks_for(gy.size)
-    gx, gfx = np.empty(gy.shape, dtype=dtype), np.empty(gy.shape, dtype=dtype)
+    gx, gfx = outputs.empty(gy.shape, dtype=dtype), outputs.empty(gy.shape, dtype=dtype)
     flat_gy = _flat(gy)
     parts = np.zeros(chunks, dtype=np.float64)
     want = alpha is not None
@@ -236,20 +201,20 @@ def residual_add_backward(gy, y, fx, alpha, relu):
 # --- max pooling --------------------------------------------------------------------------
 def max_pool2d_forward(x, kernel, stride):
     """(y (N, C, OH, OW), argmax int32 tap index i * KW + j of each window's first maximum)."""
-    x = np.ascontiguousarray(x)
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     out = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
-    y, argmax = np.empty(out, dtype=x.dtype), np.empty(out, dtype=np.int32)
-    _launch(ce.max_pool_forward, x, kh, kw, sh, sw, y, argmax, _chunks_for(x.size))
+    y, argmax = outputs.empty(out, dtype=x.dtype), outputs.empty(out, dtype=np.int32)
+    _launch(ce.max_pool_forward, _flat(x), n * c, h, w, kh, kw, sh, sw, y.reshape(-1),
+            argmax.reshape(-1), _chunks_for(x.size))
     return y, argmax
 
 
 def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     """gx (N, C, H, W): each window's gy added at its argmax (zero elsewhere)."""
-    gy = np.ascontiguousarray(gy)
-    argmax = np.ascontiguousarray(argmax, dtype=np.int32)
-    gx = np.empty(x_shape, dtype=gy.dtype)
-    _launch(ce.max_pool_backward, gy, argmax, kernel[1], stride[0], stride[1], gx,
+    n, c, oh, ow = gy.shape
+    gx = outputs.empty(x_shape, dtype=gy.dtype)
+    _launch(ce.max_pool_backward, _flat(gy), _flat(argmax.astype(np.int32, copy=False)), n * c,
+            oh, ow, kernel[1], stride[0], stride[1], gx.reshape(n * c, *x_shape[2:]),
             _chunks_for(gx.size))
     return gx

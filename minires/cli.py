@@ -24,7 +24,9 @@ MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip co
     "resnet": lambda seed: models.resnet(depth=8, rng=seed),
 }
 # Defaults chosen so that `minires train` reaches >= 98% test accuracy in one epoch with the
-# seed net (measured; see the README). --lr defaults per optimizer.
+# seed net: measured 98.57% (seed 0). In a one-epoch sweep of the same net and batches, SGD
+# (Nesterov) 0.05 one-cycle gave 98.44-98.63% over 6 seeds, Adam 5e-3 one-cycle 98.12-98.54%,
+# Adam 3e-3 97.85% and Adam 1e-3 97.26% (this Kaiming init starts at a loss near 10).
 DEFAULTS = dict(model="seed", optimizer="sgd", lr=None, schedule="onecycle", epochs=1,
                 batch_size=64, seed=0, limit=0)
 DEFAULT_LR = {"sgd": 0.05, "adam": 5e-3, "adamw": 5e-3}  # SGD: momentum 0.9, Nesterov
@@ -40,11 +42,11 @@ def _parser():
     p = argparse.ArgumentParser(prog="minires", description=__doc__.split(";")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a network on MNIST")
-    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    t.add_argument("--device", default="cpu", choices=backend.DEVICES)
     t.add_argument("--epochs", type=int, help=f"epochs (default {DEFAULTS['epochs']})")
     t.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
-    t.add_argument("--lr", type=float, help=f"learning rate (peak for onecycle; default "
-                   f"{DEFAULT_LR})")
+    t.add_argument("--lr", type=float, help="learning rate, the peak for onecycle (default "
+                   + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
     t.add_argument("--optimizer", choices=sorted(DEFAULT_LR), help="sgd (default; momentum "
                    "0.9, Nesterov), adam or adamw")
     t.add_argument("--schedule", choices=("none", "cosine", "onecycle"), help="per-step "
@@ -63,7 +65,7 @@ def _parser():
                    help="also checkpoint every N steps (default 500; 0: epoch ends only)")
     sub.add_parser("info", help="versions, kernel backends, threads, GPU")
     g = sub.add_parser("gradcheck", help="check every op and layer's gradient numerically")
-    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--device", default="cpu", choices=backend.DEVICES)
     g.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the "
                    "inputs are tiny, and parallel kernels on tiny arrays only add overhead)")
     return p

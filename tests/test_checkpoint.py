@@ -129,3 +129,11 @@ def test_refuses_truncated_and_foreign_files(tmp_path, rng):
         checkpoint.load(plain)
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "missing.npz")
+
+
+def test_device_arrays_saved_via_host_copies(xp, tmp_path):
+    w = xp.arange(6, dtype=xp.float32).reshape(2, 3)
+    checkpoint.save({"w": w, "step": 1}, tmp_path / "ck.npz")
+    back = checkpoint.load(tmp_path / "ck.npz")
+    assert type(back["w"]) is np.ndarray and back["w"].dtype == np.float32
+    np.testing.assert_array_equal(back["w"], np.arange(6).reshape(2, 3))

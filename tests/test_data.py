@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from minires import data
+from minires import backend, data
 
 NAMES = [n for pair in data.FILES.values() for n in pair]
 
@@ -225,3 +225,14 @@ def test_loader_bad_input(small):
         data.DataLoader(images.astype(np.float32), labels)
     with pytest.raises(ValueError, match="unknown device"):
         data.DataLoader(images, labels, device="tpu")
+
+
+def test_loader_batches_land_on_the_device(xp, small):
+    images, labels = small
+    device = "cpu" if xp is np else "cuda"
+    host = list(data.DataLoader(images, labels, batch_size=4, seed=3))
+    moved = list(data.DataLoader(images, labels, batch_size=4, seed=3, device=device))
+    for (hx, hy), (x, y) in zip(host, moved):
+        assert isinstance(x, xp.ndarray) and isinstance(y, xp.ndarray)
+        np.testing.assert_array_equal(hx, backend.to_device(x, "cpu"))
+        np.testing.assert_array_equal(hy, backend.to_device(y, "cpu"))

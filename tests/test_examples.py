@@ -45,7 +45,7 @@ def test_crossover_finds_the_smoothed_swap_not_the_first_noisy_one():
     x_res = np.ones(1000)
     assert np.flatnonzero(x_in > x_res)[0] < 200  # raw curves cross much earlier
     c = grad_flow.crossover(x_in, x_res, window=51)
-    assert c == {"step": 446, "status": "crossed", "stays_above": True}
+    assert c == {"step": 446, "status": "crossed", "stays_above": True, "above_from": 446}
 
 
 def test_crossover_reports_no_swap_a_swap_from_the_start_and_a_relapse():
@@ -53,12 +53,18 @@ def test_crossover_reports_no_swap_a_swap_from_the_start_and_a_relapse():
     x_res = 1.0 + 0.1 * rng.random(500)
     below = 0.5 * x_res
     assert grad_flow.crossover(below, x_res, 50) == {"step": None, "status": "never",
-                                                      "stays_above": False}
+                                                      "stays_above": False, "above_from": None}
     above = 2.0 * x_res
-    assert grad_flow.crossover(above, x_res, 50)["status"] == "from_start"
+    assert grad_flow.crossover(above, x_res, 50) == {"step": None, "status": "from_start",
+                                                      "stays_above": True, "above_from": 1}
     bump = np.where((np.arange(500) >= 200) & (np.arange(500) < 300), 2.0, 0.5) * x_res
     c = grad_flow.crossover(bump, x_res, 11)
     assert c["status"] == "crossed" and 190 < c["step"] <= 201 and not c["stays_above"]
+    assert c["above_from"] is None
+    relapse_then_up = np.where(np.arange(500) >= 400, 4.0, 1.0) * bump
+    c = grad_flow.crossover(relapse_then_up, x_res, 11)
+    assert c["step"] == grad_flow.crossover(bump, x_res, 11)["step"]
+    assert 390 < c["above_from"] <= 401 and not c["stays_above"]
     with pytest.raises(ValueError, match="crossover"):
         grad_flow.crossover(below[:10], x_res, 5)
 

@@ -215,9 +215,28 @@ def test_max_pool2d(rng, dtype, shape, kernel, stride):
 
 def test_scratch_pool_is_bounded(rng):
     w = _data(rng, (2, 1, 3, 3), np.float32)
-    for size in range(5, 5 + 2 * cpu.scratch._max_keys):
+    for size in range(5, 5 + 2 * cpu.scratch.max_keys):
         cpu.conv2d_forward(_data(rng, (1, 1, size, 5), np.float32), w, None, (1, 1), (1, 1))
-    assert len(cpu.scratch._free) <= cpu.scratch._max_keys
+    assert cpu.scratch.keys() <= cpu.scratch.max_keys
+
+
+def test_recycled_outputs_are_never_handed_out_while_referenced(rng):
+    """Big outputs come back only after every reference (including views) is gone."""
+    x = _data(rng, (4, 16, 32, 32), np.float32)  # 256 KiB: recycled size
+    assert x.nbytes >= cpu.outputs.min_bytes
+    held = [cpu.relu_forward(x) for _ in range(3)]
+    view = cpu.relu_forward(-x)[1:]  # only a view survives: its base must stay untouched
+    new = cpu.relu_forward(x * 2)
+    assert not any(np.shares_memory(new, a) for a in held + [view])
+    np.testing.assert_array_equal(view, ref.relu_forward(-x)[1:])
+    for i in range(len(held)):
+        np.testing.assert_array_equal(held[i], ref.relu_forward(x))
+    base = held.pop()
+    addr = base.__array_interface__["data"][0]
+    del base
+    again = cpu.relu_forward(x * 3)  # the released array is reused, with the new result
+    assert again.__array_interface__["data"][0] == addr
+    np.testing.assert_array_equal(again, ref.relu_forward(x * 3))
 
 
 # --- through the ops: the Numba path passes gradcheck (float64) ----------------------------

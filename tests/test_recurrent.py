@@ -83,6 +83,8 @@ def test_cell_equals_one_step_of_forward(rng):
     assert h_cell is h_again
     np.testing.assert_allclose(h_cell.data, seq.data[:, 0], **tol("fwd_f64"))
     np.testing.assert_allclose(c_cell.data, c.data, **tol("fwd_f64"))
+    np.testing.assert_allclose(layer.cell(x[:, 0])[0].data, layer(x)[0].data[:, 0],
+                               **tol("fwd_f64"))  # state None: zeros, in both
 
 
 # --- gradcheck (float64, every input including the four weights) ------------------------------
@@ -216,6 +218,10 @@ def test_bad_dtype_and_state_are_named():
         layer(x.astype(np.float64))
     with pytest.raises(ValueError, match=r"h0 must have shape \(2, 3\), got \(2, 4\)"):
         layer(x, (np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"LSTM.cell: expected input \(N, 4\), got shape"):
+        layer.cell(x)
+    with pytest.raises(TypeError, match="LSTM.cell: input dtype float64"):
+        layer.cell(x[:, 0].astype(np.float64))
     with pytest.raises(TypeError, match="pair"):
         layer(x, np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="c0 must have shape"):

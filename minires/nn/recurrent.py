@@ -70,23 +70,24 @@ class _Recurrent(Module):
         seq = outputs[0] if t_steps == 1 else F.concat(outputs, axis=1)
         return seq, state
 
-    def cell(self, x_t, state):
-        """One time step: x_t (N, input_size) and a state (not None) -> (h (N, H), state)."""
-        x_t = Tensor(x_t) if not isinstance(x_t, Tensor) else x_t
-        if x_t.ndim != 2 or x_t.shape[1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}.cell: expected x_t (N, {self.input_size}), "
-                             f"got shape {tuple(x_t.shape)}")
-        state = self._check_state(x_t, state)
+    def cell(self, x_t, state=None):
+        """One time step: x_t (N, input_size) and a state (None: zeros) -> (h (N, H), state)."""
+        x_t = self._check_input(x_t, step=True)
+        state = self._zero_state(x_t) if state is None else self._check_state(x_t, state)
         return self._step(F.linear(x_t, self.weight_ih, self.bias_ih), state)
 
     def _gates(self, xw_t, h):
         """All G gate pre-activations (N, G*H): xw_t + h @ weight_hh.T + bias_hh."""
         return F.add(xw_t, F.linear(h, self.weight_hh, self.bias_hh))
 
-    def _check_input(self, x):
-        name = type(self).__name__
+    def _check_input(self, x, step=False):
+        """x as a Tensor: (N, T >= 1, input_size), or (N, input_size) for one step."""
+        name = type(self).__name__ + (".cell" if step else "")
         x = Tensor(x) if not isinstance(x, Tensor) else x
-        if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[1] < 1:
+        if step and (x.ndim != 2 or x.shape[1] != self.input_size):
+            raise ValueError(f"{name}: expected input (N, {self.input_size}), got shape "
+                             f"{tuple(x.shape)}")
+        if not step and (x.ndim != 3 or x.shape[2] != self.input_size or x.shape[1] < 1):
             raise ValueError(f"{name}: expected input (N, T, {self.input_size}) with T >= 1 "
                              f"(batch first), got shape {tuple(x.shape)}")
         if x.dtype != self.weight_ih.dtype:
