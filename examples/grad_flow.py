@@ -159,7 +159,7 @@ def plot(rows, summaries, args, path):
     ax["norms"].legend(fontsize=7, ncol=len(summaries))
     if "ratio" in ax:
         ax["ratio"].axhline(1.0, color="k", lw=0.8)
-        ax["ratio"].set(yscale="log", ylabel=f"x_in / x_res ({args.window}-step avg)")
+        ax["ratio"].set(ylabel=f"x_in / x_res ({args.window}-step avg)")
         ax["ratio"].legend(fontsize=7)
     ax["loss"].set(yscale="log", ylabel="training loss")
     if "alpha" in ax:

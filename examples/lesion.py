@@ -61,8 +61,10 @@ def plot(rows, path):
         ax.plot(x, [100 * r["test_accuracy"] for r in lesioned], "o-", color=f"C{i}", label=name)
         ax.axhline(100 * mine[0]["test_accuracy"], color=f"C{i}", ls=":", lw=1)
         proj = [r for r in lesioned if r["kind"] == "projection"]
-        ax.plot([r["block"] + 1 for r in proj], [100 * r["test_accuracy"] for r in proj], "s",
-                ms=11, mfc="none", color=f"C{i}", label=f"{name}: downsampling block")
+        if proj:
+            ax.plot([r["block"] + 1 for r in proj], [100 * r["test_accuracy"] for r in proj],
+                    "s", ms=11, mfc="none", color=f"C{i}", label=f"{name}: downsampling block")
+    ax.set_xticks(sorted({r["block"] + 1 for r in rows if r["block"] >= 0}))
     ax.set(xlabel="block removed", ylabel="test accuracy (%)", ylim=(0, 100),
            title="remove one block at test time (dotted: nothing removed)")
     ax.legend(fontsize=8)

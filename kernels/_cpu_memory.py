@@ -4,6 +4,7 @@ Imports numpy only. Page faults are expensive on small VMs (PERF.md): a freshly 
 3 MB array costs ~800 minor faults (1-3 ms) on first touch, more than the kernel that fills it.
 """
 import collections
+import contextlib
 import sys
 import threading
 
@@ -103,3 +104,29 @@ class Recycler:
         with self._lock:
             self._kept.clear()
             self._bytes = 0
+
+
+scratch = Scratch()  # padded copies, grids, transforms, per-thread partial sums
+outputs = Recycler()  # big output arrays, reused once nobody references them
+# Numba's workqueue threading layer aborts the process when two Python threads launch
+# parallel kernels at once; one lock makes every layer safe (the cores are shared anyway).
+_launch_lock = threading.Lock()
+
+
+def launch(kernel, *args):
+    """Run one parallel @njit kernel under the launch lock."""
+    with _launch_lock:
+        kernel(*args)
+
+
+@contextlib.contextmanager
+def borrowed(specs, dtype):
+    """`with borrowed([(key, shape), ...], dtype) as arrays:` scratch arrays for one call,
+    returned to the pool on exit (read results out of them inside the block)."""
+    keys = [(key, np.dtype(dtype).str) for key, _ in specs]  # the dtype is part of the key
+    arrays = [scratch.borrow(k, shape, dtype) for k, (_, shape) in zip(keys, specs)]
+    try:
+        yield arrays
+    finally:
+        for k, a in zip(keys, arrays):
+            scratch.give_back(k, a)
