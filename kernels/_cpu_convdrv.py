@@ -18,7 +18,7 @@ _TILE_TARGET = 640  # Winograd: tiles per block (its transforms stay in L2)
 # Winograd F(2x2, 3x3) filter transform: U = G w G^T (4x4 per 3x3 kernel)
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 Plan = collections.namedtuple("Plan", "geo offs size length chunks threads")
-WinoPlan = collections.namedtuple("WinoPlan", "geo ggeo th tw ntiles chunks threads")
+WinoPlan = collections.namedtuple("WinoPlan", "geo ggeo tiles ntiles chunks threads")
 
 
 def threads():
@@ -102,16 +102,19 @@ def winograd_ok(nin, kernel, stride, padding):
 
 @functools.lru_cache(maxsize=256)
 def wino_plan(nimg, h, w, ph, pw, nout, threads):
-    """Tiles th x tw per image; geo packs x padded to 2th+2 x 2tw+2, ggeo packs gy zero-padded
-    to 2th x 2tw (both in blocks of nb images); ntiles per block rounded up to 16."""
+    """th x tw output tiles per image, numbered on a grid th x (tw + 1); geo packs x padded to
+    (2th + 2, 2tw + 2) and ggeo packs gy zero-padded to (2th, 2tw + 2), both as parity planes
+    in blocks of nb images; ntiles = tiles per block rounded up to 16."""
     oh, ow = h + 2 * ph - 2, w + 2 * pw - 2
     th, tw = -(-oh // 2), -(-ow // 2)
-    hp, wp = 2 * th + 2, 2 * tw + 2
-    nb, chunks = _blocks(nimg, _TILE_TARGET // (th * tw), nout, threads)
-    geo = _frozen(ph, pw, 1, 1, 1, 1, hp, wp, hp * wp, hp, wp, oh, ow, hp * wp, nb)
-    g = 4 * th * tw
-    ggeo = _frozen(0, 0, 1, 1, 1, 1, 2 * th, 2 * tw, g, 2 * th, 2 * tw, oh, ow, g, nb)
-    return WinoPlan(geo, ggeo, th, tw, -(-nb * th * tw // 16) * 16, chunks, threads)
+    wq = tw + 1
+    nb, chunks = _blocks(nimg, _TILE_TARGET // (th * wq), nout, threads)
+    plane = (th + 1) * wq
+    geo = _frozen(ph, pw, 1, 1, 2, 2, th + 1, wq, plane, 2 * th + 2, 2 * wq, oh, ow, 4 * plane,
+                  nb)
+    gplane = th * wq
+    ggeo = _frozen(0, 0, 1, 1, 2, 2, th, wq, gplane, 2 * th, 2 * wq, oh, ow, 4 * gplane, nb)
+    return WinoPlan(geo, ggeo, th * wq, -(-nb * th * wq // 16) * 16, chunks, threads)
 
 
 def winograd_forward(src, w, bias, padding, out_shape):
@@ -123,11 +126,11 @@ def winograd_forward(src, w, bias, padding, out_shape):
     y = outputs.empty(out_shape, dtype=dtype)
     n, geo = p.threads, p.geo
     specs = [(("wpack", src.shape[1:], geo.tobytes(), n), (n, nin, geo[14] * geo[13] + 16)),
-             (("wrows", geo[10], n), (n, 4, geo[10])),
              (("wv", nin, p.ntiles, n), (n, 16, nin, p.ntiles)),
-             (("wm", p.ntiles, n), (n, 16, 2, p.ntiles))]
+             (("wm", p.ntiles, n), (n, 16, 2, p.ntiles)),
+             (("wy", p.ntiles, n), (n, 4, p.ntiles))]
     with borrowed(specs, dtype) as arrays:
-        launch(cw.forward, src, u, bias, geo, p.th, p.tw, y, *arrays, n, p.chunks)
+        launch(cw.forward, src, u, bias, geo, p.tiles, y, *arrays, n, p.chunks)
     return y
 
 
@@ -139,14 +142,13 @@ def winograd_weight_grad(gy, x, padding):
     n, geo, ggeo = p.threads, p.geo, p.ggeo
     specs = [(("wpack", x.shape[1:], geo.tobytes(), n), (n, nin, geo[14] * geo[13] + 16)),
              (("wgpack", gy.shape[1:], ggeo.tobytes(), n), (n, nout, ggeo[14] * ggeo[13] + 16)),
-             (("wrows", geo[10], n), (n, 4, geo[10])),
              (("wv", nin, p.ntiles, n), (n, 16, nin, p.ntiles)),
              (("wg", nout, p.ntiles, n), (n, 16, nout, p.ntiles)),
              (("wparts", nout, nin, n), (n, 16, nout + 1, nin)),
              (("bparts", nout, n), (n, nout))]
     with borrowed(specs, dtype) as arrays:
-        launch(cw.weight_sums, gy, x, geo, ggeo, p.th, p.tw, *arrays, n)
-        sums = arrays[5][:, :, :nout].sum(axis=0).reshape(4, 4, nout, nin)
-        gb = arrays[6].sum(axis=0)
+        launch(cw.weight_sums, gy, x, geo, ggeo, p.tiles, *arrays, n)
+        sums = arrays[4][:, :, :nout].sum(axis=0).reshape(4, 4, nout, nin)
+        gb = arrays[5].sum(axis=0)
     gw = np.einsum("ik,ijoc,jl->ockl", _G, sums, _G).astype(dtype)
     return gw, gb

@@ -169,15 +169,15 @@ def _emit(yq, y, n0, cnt, o, geo, tiles, beta):
 
 
 @njit(cache=True, nogil=True)
-def _pack_transform(src, n0, cnt, geo, th, tw, buf, e, v):
-    """Pack images n0..n0+cnt-1 of src (padded, stacked) and input-transform them into v."""
+def _pack_transform(src, n0, cnt, geo, tiles, buf, v):
+    """Pack images n0..n0+cnt-1 of src (padded, parity planes) and input-transform them."""
     for b in range(cnt):
         pack(src, n0 + b, buf, b * geo[13], geo)
-    _input_transform(buf, cnt, geo, th, tw, e, v)
+    _input_transform(buf, cnt, geo, tiles, v)
 
 
 @njit(cache=True, nogil=True)
-def _forward_part(src, u, bias, geo, th, tw, y, buf, e, v, m, first, stop, chunks):
+def _forward_part(src, u, bias, geo, tiles, y, buf, v, m, yq, first, stop, chunks):
     """Work items first..stop-1 of forward() on one thread's scratch."""
     nimg, nout, nb = src.shape[0], u.shape[1], geo[14]
     per = ((nout + chunks - 1) // chunks + 1) // 2 * 2
@@ -186,61 +186,63 @@ def _forward_part(src, u, bias, geo, th, tw, y, buf, e, v, m, first, stop, chunk
         blk = task // chunks
         n0, cnt = blk * nb, min(nb, nimg - blk * nb)
         if blk != last:
-            _pack_transform(src, n0, cnt, geo, th, tw, buf, e, v)
+            _pack_transform(src, n0, cnt, geo, tiles, buf, v)
             last = blk
-        ntiles = (cnt * th * tw + 15) // 16 * 16  # v and m have room for the rounding
+        ntiles = (cnt * tiles + 15) // 16 * 16  # v, m and yq have room for the rounding
         lo = (task % chunks) * per
         for o0 in range(lo, min(lo + per, nout), 2):
             o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
             _gemm_pair(v, u, o0, o1, m, ntiles)
-            _output_transform(m, 0, y, n0, cnt, o0, th, tw, bias[o0])
-            _output_transform(m, 1, y, n0, cnt, o1, th, tw, bias[o1])
+            _output_transform(m, 0, yq, ntiles)
+            _emit(yq, y, n0, cnt, o0, geo, tiles, bias[o0])
+            _output_transform(m, 1, yq, ntiles)
+            _emit(yq, y, n0, cnt, o1, geo, tiles, bias[o1])
 
 
 @njit(cache=True, parallel=True)
-def forward(src, u, bias, geo, th, tw, y, bufs, es, vs, ms, threads, chunks):
+def forward(src, u, bias, geo, tiles, y, bufs, vs, ms, yqs, threads, chunks):
     """y (N, O, OH, OW) = 3x3 stride-1 correlation of src (N, C, H, W), padded as geo says,
-    with the transformed weights u (16, O, C), plus bias (O,).
+    with the transformed weights u (16, O, C), plus bias (O,); `tiles` per image.
 
-    Per-thread scratch: bufs (threads, C, S) packed images, es (threads, 4, 2*tw + 2),
-    vs (threads, 16, C, T) and ms (threads, 16, 2, T) with T >= tiles per block rounded to 16.
+    Per-thread scratch: bufs (threads, C, S) packed images, vs (threads, 16, C, T),
+    ms (threads, 16, 2, T) and yqs (threads, 4, T), T >= nb*tiles rounded up to 16.
     """
     tasks = -(-src.shape[0] // geo[14]) * chunks
-    for th_ in prange(threads):
-        _forward_part(src, u, bias, geo, th, tw, y, bufs[th_], es[th_], vs[th_], ms[th_],
-                      th_ * tasks // threads, (th_ + 1) * tasks // threads, chunks)
+    for th in prange(threads):
+        _forward_part(src, u, bias, geo, tiles, y, bufs[th], vs[th], ms[th], yqs[th],
+                      th * tasks // threads, (th + 1) * tasks // threads, chunks)
 
 
 @njit(cache=True, nogil=True)
-def _a_columns(h0, h1, g, o, t0, i, x):
-    """g[4i + j, o, t0 + x] = (h A^T)[j] for the row pair h = (h0, h1) (A along columns)."""
-    g[4 * i, o, t0 + x] = h0
-    g[4 * i + 1, o, t0 + x] = h0 + h1
-    g[4 * i + 2, o, t0 + x] = h0 - h1
-    g[4 * i + 3, o, t0 + x] = -h1
-
-
-@njit(cache=True, nogil=True)
-def _gy_transform(gpad, cnt, geo, th, tw, g, ntiles):
-    """g[xi, o, t] = (A q A^T)[xi] for every 2x2 tile q of the packed gy blocks in gpad;
-    tiles from cnt*th*tw up to ntiles are zeroed (they must add nothing)."""
-    wq, img = geo[7], geo[13]
+def _gy_transform(gpad, cnt, geo, tiles, g, ntiles):
+    """g[xi, o, b*tiles + q] = (A d A^T)[xi] for every 2x2 tile d of the packed gy blocks
+    (parity planes as for x); tiles from cnt*tiles up to ntiles are zeroed (they must add
+    nothing to the weight gradient)."""
+    plane, img = geo[8], geo[13]
     zero = g.dtype.type(0)
     for o in range(gpad.shape[0]):
         for b in range(cnt):
-            for ty in range(th):
-                at = b * img + 2 * ty * wq
-                q0, q1 = gpad[o, at:], gpad[o, at + wq:]
-                t0 = (b * th + ty) * tw
-                for x in range(tw):  # A along the rows: (q0, q0 + q1, q0 - q1, -q1)
-                    a0, a1, b0, b1 = q0[2 * x], q0[2 * x + 1], q1[2 * x], q1[2 * x + 1]
-                    _a_columns(a0, a1, g, o, t0, 0, x)
-                    _a_columns(a0 + b0, a1 + b1, g, o, t0, 1, x)
-                    _a_columns(a0 - b0, a1 - b1, g, o, t0, 2, x)
-                    _a_columns(-b0, -b1, g, o, t0, 3, x)
+            at = b * img
+            p00, p01 = gpad[o, at:], gpad[o, at + plane:]
+            p10, p11 = gpad[o, at + 2 * plane:], gpad[o, at + 3 * plane:]
+            t = b * tiles
+            g0, g1, g2, g3 = g[0, o, t:], g[1, o, t:], g[2, o, t:], g[3, o, t:]
+            g4, g5, g6, g7 = g[4, o, t:], g[5, o, t:], g[6, o, t:], g[7, o, t:]
+            g8, g9, g10, g11 = g[8, o, t:], g[9, o, t:], g[10, o, t:], g[11, o, t:]
+            g12, g13, g14, g15 = g[12, o, t:], g[13, o, t:], g[14, o, t:], g[15, o, t:]
+            for q in range(tiles):
+                d00, d01, d10, d11 = p00[q], p01[q], p10[q], p11[q]
+                # A along the columns of the tile (rows d0, d0 + d1, d0 - d1, -d1) ...
+                h00, h01, h10, h11 = d00, d01, d00 + d10, d01 + d11
+                h20, h21, h30, h31 = d00 - d10, d01 - d11, -d10, -d11
+                # ... then along the rows
+                g0[q], g1[q], g2[q], g3[q] = h00, h00 + h01, h00 - h01, -h01
+                g4[q], g5[q], g6[q], g7[q] = h10, h10 + h11, h10 - h11, -h11
+                g8[q], g9[q], g10[q], g11[q] = h20, h20 + h21, h20 - h21, -h21
+                g12[q], g13[q], g14[q], g15[q] = h30, h30 + h31, h30 - h31, -h31
         for xi in range(16):
-            tail = g[xi, o, cnt * th * tw:]
-            for t in range(ntiles - cnt * th * tw):
+            tail = g[xi, o, cnt * tiles:]
+            for t in range(ntiles - cnt * tiles):
                 tail[t] = zero
 
 
@@ -293,34 +295,35 @@ def _weight_sums(v, g, part, ntiles):
 
 
 @njit(cache=True, nogil=True)
-def _weight_part(gy, src, geo, ggeo, th, tw, buf, gpad, e, v, g, part, bpart, first, stop):
+def _weight_part(gy, src, geo, ggeo, tiles, buf, gpad, v, g, part, bpart, first, stop):
     """Blocks first..stop-1 of weight_sums, summed into one thread's part and bpart."""
     nimg, nb = src.shape[0], geo[14]
     part[:] = 0
     bpart[:] = 0
     for blk in range(first, stop):
         n0, cnt = blk * nb, min(nb, nimg - blk * nb)
-        ntiles = (cnt * th * tw + 15) // 16 * 16
-        _pack_transform(src, n0, cnt, geo, th, tw, buf, e, v)
+        ntiles = (cnt * tiles + 15) // 16 * 16
+        _pack_transform(src, n0, cnt, geo, tiles, buf, v)
         for b in range(cnt):
             pack(gy, n0 + b, gpad, b * ggeo[13], ggeo)
-        _gy_transform(gpad, cnt, ggeo, th, tw, g, ntiles)
+        _gy_transform(gpad, cnt, ggeo, tiles, g, ntiles)
         _weight_sums(v, g, part, ntiles)
-        for o in range(bpart.shape[0]):  # (A q A^T)[1, 1] is the sum of the 2x2 tile q
+        for o in range(bpart.shape[0]):  # (A d A^T)[1, 1] is the sum of the 2x2 tile d
             bpart[o] += g[5, o, :ntiles].sum()
 
 
 @njit(cache=True, parallel=True)
-def weight_sums(gy, src, geo, ggeo, th, tw, bufs, gpads, es, vs, gs, parts, bparts, threads):
+def weight_sums(gy, src, geo, ggeo, tiles, bufs, gpads, vs, gs, parts, bparts, threads):
     """parts[th, xi, o, c]: thread th's share of sum over tiles of (A gy A^T)[xi] *
     (B^T x B)[xi] (the caller sums threads and maps back with G^T . G).
 
-    gy (N, O, OH, OW) packed with ggeo into gpads (threads, O, S') zero-padded to whole
-    tiles; src (N, C, H, W) packed with geo into bufs; gs (threads, 16, O, T);
-    parts (threads, 16, O + 1, C); bparts (threads, O) the bias gradient shares.
+    gy (N, O, OH, OW) packed with ggeo into gpads (threads, O, S'), zero-padded to whole
+    tiles; src (N, C, H, W) packed with geo into bufs; vs (threads, 16, C, T),
+    gs (threads, 16, O, T); parts (threads, 16, O + 1, C); bparts (threads, O) the bias
+    gradient shares.
     """
     blocks = -(-src.shape[0] // geo[14])
-    for th_ in prange(threads):
-        _weight_part(gy, src, geo, ggeo, th, tw, bufs[th_], gpads[th_], es[th_], vs[th_],
-                     gs[th_], parts[th_], bparts[th_], th_ * blocks // threads,
-                     (th_ + 1) * blocks // threads)
+    for th in prange(threads):
+        _weight_part(gy, src, geo, ggeo, tiles, bufs[th], gpads[th], vs[th], gs[th],
+                     parts[th], bparts[th], th * blocks // threads,
+                     (th + 1) * blocks // threads)

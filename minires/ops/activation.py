@@ -101,7 +101,10 @@ class CrossEntropy(Function):
         if labels.dtype.kind not in "iu":
             raise TypeError(f"cross_entropy: labels must be integers, got {labels.dtype}")
         k = logits.shape[1]
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        # The range check reads labels on the host; on the GPU that would cost a device-to-host
+        # copy every step, so it runs on the CPU only (validate GPU labels before the loop).
+        on_host = self.xp is np
+        if on_host and labels.size and (int(labels.min()) < 0 or int(labels.max()) >= k):
             raise ValueError(f"cross_entropy: labels must be in [0, {k}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         logp = _log_softmax(self.xp, logits, 1)
