@@ -30,6 +30,9 @@ def setup(device, threads):
 
     threads applies to Numba, BLAS (through threadpoolctl when installed) and PyTorch.
     """
+    # torch first: its OpenMP runtime then starts with the user's settings, not the passive
+    # wait policy kernels.cpu picks for Numba's (see kernels/cpu.py): a fair comparison
+    torch = load_torch()
     import kernels
     from minires import backend
     if device == "cuda" and not backend.cupy_available():
@@ -50,7 +53,6 @@ def setup(device, threads):
             threadpoolctl.threadpool_limits(threads)
         except ImportError:
             pass
-    torch = load_torch()
     tdev = None
     if torch is not None:
         torch.set_num_threads(threads or (numba.get_num_threads() if numba else 1))

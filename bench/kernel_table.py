@@ -3,6 +3,8 @@ forward+backward, minires (through the kernels dispatch) vs kernels.reference vs
 
 Imports numpy, kernels and bench.common; torch when installed.
 """
+import json
+
 import numpy as np
 
 import kernels
@@ -141,7 +143,7 @@ def run(args, xp, torch, tdev, sync):
                          "f+b torch": both["torch"],
                          "f+b/torch x": common.ratio(both["ours"], both["torch"])})
             if args.json:
-                print(common.json.dumps({"table": "kernels", "batch": n, **rows[-1]}))
+                print(json.dumps({"table": "kernels", "batch": n, **rows[-1]}))
                 rows.pop()
         if not args.json:
             print(f"batch {n}: median ms, float32")

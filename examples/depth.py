@@ -48,6 +48,7 @@ def run(args, kind, depth, test):
 def plot(rows, curves, args, path):
     """Loss curves, and final loss / test accuracy / first-layer gradient vs depth."""
     plt = C.pyplot()
+    from matplotlib.ticker import NullLocator
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     style = {"plain": "-", "residual": "--"}
     window = max(1, args.steps // 20)
@@ -73,7 +74,11 @@ def plot(rows, curves, args, path):
                         label=f"{kind} (mean over training)")
         ax.set(xscale="log", yscale=scale, xlabel="conv layers", ylabel=label)
         ax.set_xticks([2 * d + 1 for d in args.depths], [str(2 * d + 1) for d in args.depths])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        low, high = ax.get_ylim()
+        if scale == "log" and high < 10 * low:  # under a decade: label the minor ticks too
+            ax.yaxis.set_major_formatter("{x:.2g}")
+            ax.yaxis.set_minor_formatter("{x:.2g}")
         ax.legend(fontsize=7)
     fig.suptitle(f"plain vs residual, {'with' if args.batch_norm else 'no'} batch norm: "
                  f"{args.steps} steps of Adam lr {args.lr:g}, batch {args.batch_size}")

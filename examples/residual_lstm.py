@@ -6,7 +6,7 @@ step. Both stacks start from the same weights and see the same batches. Writes
 residual_lstm.csv (loss and gradient norms per step), residual_lstm_summary.csv (test
 accuracy) and residual_lstm.png to --out.
 
-    python examples/residual_lstm.py --steps 300 --out runs/residual_lstm
+    python examples/residual_lstm.py --steps 600 --out runs/residual_lstm
 """
 import argparse
 import contextlib
@@ -125,7 +125,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/residual_lstm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=300, help="training steps per variant")
+    p.add_argument("--steps", type=int, default=600, help="training steps per variant")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -148,6 +148,13 @@ def main(argv=None):
         for name in VARIANTS:
             variant_rows, summary[name] = train_variant(name, args, train_set, test_set)
             rows += variant_rows
+    write_csvs(out, rows, summary, args.layers)
+    plot(rows, summary, args.layers, out / "residual_lstm.png")
+    return summary
+
+
+def write_csvs(out, rows, summary, layers):
+    """residual_lstm.csv (per step) and residual_lstm_summary.csv (per variant); prints it."""
     with open(out / "residual_lstm.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["step", "variant", "loss", "grad_first", "grad_last"])
         writer.writeheader()
@@ -164,10 +171,8 @@ def main(argv=None):
                              np.mean([r["loss"] for r in mine[-20:]]), mine[0]["grad_first"],
                              mine[0]["grad_last"], mean("grad_first"), mean("grad_last")])
             print(f"{name:>8}: test accuracy {summary[name]['accuracy']:.4f}, test loss "
-                  f"{summary[name]['loss']:.4f}; |grad| LSTM 1 / LSTM {args.layers} at step 1: "
+                  f"{summary[name]['loss']:.4f}; |grad| LSTM 1 / LSTM {layers} at step 1: "
                   f"{mine[0]['grad_first']:.3g} / {mine[0]['grad_last']:.3g}")
-    plot(rows, summary, args.layers, out / "residual_lstm.png")
-    return summary
 
 
 if __name__ == "__main__":

@@ -42,6 +42,14 @@ def pack(src, n, buf, base, geo):
                 for w in range(w1 - w0):
                     dst[w] = row[w]
                 continue
+            if psw == 2 and dw == 1 and left >= 0 and left + width <= wp:
+                for parity in range(2):  # every other column into each parity plane
+                    first = (parity - left) % 2
+                    dst = buf[c, at + parity * plane + (left + first) // 2:]
+                    row = src[n, c, h, first:]
+                    for k in range((width - first + 1) // 2):
+                        dst[k] = row[2 * k]
+                continue
             for w in range(width):
                 q = left + w * dw
                 if 0 <= q < wp:

@@ -1,97 +1,83 @@
 """Numba @njit kernels for ReLU, the fused residual add and max pooling (kernels/cpu.py wraps).
 
-Imports numpy and numba only. Elementwise kernels take flat contiguous arrays and split them
-into `chunks` contiguous ranges, one per thread (chunks = 1 for small arrays: no thread launch
-cost worth paying).
+Imports numba only. Elementwise kernels take flat contiguous arrays and run on the calling
+thread: they are memory-bound, and at the seed net's sizes (up to 3.2M elements) two threads
+measured no faster than one, while every parallel launch costs microseconds (and compile time).
+Pooling does 4-16 compares per output and is split over planes when the input is large.
 """
 from numba import njit, prange
 
 _REDUCE = {"contract", "reassoc", "nsz"}  # galpha is a sum: reassociation lets it vectorise
 
 
-@njit(cache=True, parallel=True)
-def relu_forward(x, y, chunks):
-    """y = max(x, 0) (NaN kept, as numpy.maximum), x and y flat."""
-    n = x.shape[0]
+@njit(cache=True, nogil=True)
+def relu_forward(x, y):
+    """y = max(x, 0) (NaN kept, as numpy.maximum); x and y flat."""
     zero = x.dtype.type(0)
-    for k in prange(chunks):
-        lo, hi = k * n // chunks, (k + 1) * n // chunks
-        xs, ys = x[lo:hi], y[lo:hi]
-        for i in range(hi - lo):
-            v = xs[i]
-            ys[i] = zero if v < zero else v
+    for i in range(x.shape[0]):
+        v = x[i]
+        y[i] = zero if v < zero else v
 
 
-@njit(cache=True, parallel=True)
-def relu_backward(gy, y, gx, chunks):
+@njit(cache=True, nogil=True)
+def relu_backward(gy, y, gx):
     """gx = gy where y > 0, else 0; all flat."""
-    n = gy.shape[0]
     zero = gy.dtype.type(0)
-    for k in prange(chunks):
-        lo, hi = k * n // chunks, (k + 1) * n // chunks
-        gs, ys, out = gy[lo:hi], y[lo:hi], gx[lo:hi]
-        for i in range(hi - lo):
-            out[i] = gs[i] if ys[i] > zero else zero
+    for i in range(gy.shape[0]):
+        gx[i] = gy[i] if y[i] > zero else zero
 
 
-@njit(cache=True, parallel=True)
-def residual_forward(x, fx, alpha, relu, y, chunks):
+@njit(cache=True, nogil=True)
+def residual_forward(x, fx, alpha, relu, y):
     """y = act(x + alpha * fx), act ReLU if relu; alpha a scalar (1 when the op has none)."""
+    zero, one = x.dtype.type(0), x.dtype.type(1)
     n = x.shape[0]
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
-    for k in prange(chunks):
-        lo, hi = k * n // chunks, (k + 1) * n // chunks
-        xs, fs, ys = x[lo:hi], fx[lo:hi], y[lo:hi]
-        if alpha == one:  # exact x + fx, no rounding from a multiply by 1
-            if relu:
-                for i in range(hi - lo):
-                    v = xs[i] + fs[i]
-                    ys[i] = zero if v < zero else v
-            else:
-                for i in range(hi - lo):
-                    ys[i] = xs[i] + fs[i]
-        elif relu:
-            for i in range(hi - lo):
-                v = xs[i] + alpha * fs[i]
-                ys[i] = zero if v < zero else v
+    if alpha == one:  # exactly x + fx: no rounding from a multiply by 1
+        if relu:
+            for i in range(n):
+                v = x[i] + fx[i]
+                y[i] = zero if v < zero else v
         else:
-            for i in range(hi - lo):
-                ys[i] = xs[i] + alpha * fs[i]
+            for i in range(n):
+                y[i] = x[i] + fx[i]
+    elif relu:
+        for i in range(n):
+            v = x[i] + alpha * fx[i]
+            y[i] = zero if v < zero else v
+    else:
+        for i in range(n):
+            y[i] = x[i] + alpha * fx[i]
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _masked_dot(g, fx):
-    """sum(g * fx), accumulated in float64 so a float32 sum over millions of terms stays exact
-    to the float32 tolerance."""
+def _dot(g, fx):
+    """sum(g * fx), accumulated in float64 so a float32 sum over millions of terms stays
+    within the float32 tolerance."""
     s = 0.0
     for i in range(g.shape[0]):
         s += g[i] * fx[i]
     return s
 
 
-@njit(cache=True, parallel=True)
-def residual_backward(gy, y, fx, alpha, relu, want_galpha, gx, gfx, parts, chunks):
-    """One pass: g = gy * (y > 0) if relu else gy; gx = g; gfx = alpha * g; parts[k] = the
-    chunk's sum(g * fx) (galpha) when want_galpha. All arrays flat; parts float64 (chunks,)."""
+@njit(cache=True, nogil=True)
+def residual_backward(gy, y, fx, alpha, relu, want_galpha, gx, gfx):
+    """One pass: g = gy * (y > 0) if relu else gy; gx = g; gfx = alpha * g; returns
+    sum(g * fx) (galpha, float64) when want_galpha, else 0. All arrays flat."""
+    zero, one = gy.dtype.type(0), gy.dtype.type(1)
     n = gy.shape[0]
-    zero = gy.dtype.type(0)
-    one = gy.dtype.type(1)
-    for k in prange(chunks):
-        lo, hi = k * n // chunks, (k + 1) * n // chunks
-        gs, a, b = gy[lo:hi], gx[lo:hi], gfx[lo:hi]
-        if relu:
-            ys = y[lo:hi]
-            for i in range(hi - lo):
-                a[i] = gs[i] if ys[i] > zero else zero
-        else:
-            a[:] = gs
-        if alpha == one:
-            b[:] = a
-        else:
-            for i in range(hi - lo):
-                b[i] = alpha * a[i]
-        parts[k] = _masked_dot(a, fx[lo:hi]) if want_galpha else 0.0
+    if relu:
+        for i in range(n):
+            gx[i] = gy[i] if y[i] > zero else zero
+    else:
+        for i in range(n):
+            gx[i] = gy[i]
+    if alpha == one:
+        for i in range(n):
+            gfx[i] = gx[i]
+    else:
+        for i in range(n):
+            gfx[i] = alpha * gx[i]
+    return _dot(gx, fx) if want_galpha else 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -114,18 +100,25 @@ def _pool_plane(x, at, width, oh, ow, kh, kw, sh, sw, y, am, out):
             out += 1
 
 
+@njit(cache=True, nogil=True)
+def pool_planes(x, first, stop, height, width, kh, kw, sh, sw, y, argmax):
+    """max_pool_forward for planes first..stop-1 (on the calling thread)."""
+    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
+    for pl in range(first, stop):
+        _pool_plane(x, pl * height * width, width, oh, ow, kh, kw, sh, sw, y, argmax,
+                    pl * oh * ow)
+
+
 @njit(cache=True, parallel=True)
 def max_pool_forward(x, planes, height, width, kh, kw, sh, sw, y, argmax, chunks):
     """y = max of x's (kh, kw) window at (i*sh, j*sw) of each plane; argmax the tap index
     a*kw + b of its first maximum (later equal values do not replace it, NaN never wins).
 
-    x, y, argmax flat: `planes` planes of (height, width) and (OH, OW).
+    x, y, argmax flat: `planes` planes of (height, width) and (OH, OW), split in `chunks`.
     """
-    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
     for k in prange(chunks):
-        for pl in range(k * planes // chunks, (k + 1) * planes // chunks):
-            _pool_plane(x, pl * height * width, width, oh, ow, kh, kw, sh, sw, y, argmax,
-                        pl * oh * ow)
+        pool_planes(x, k * planes // chunks, (k + 1) * planes // chunks, height, width, kh, kw,
+                    sh, sw, y, argmax)
 
 
 @njit(cache=True, nogil=True)
@@ -141,14 +134,20 @@ def _unpool_plane(gy, am, at, oh, ow, kw, sh, sw, width, plane):
             at += 1
 
 
+@njit(cache=True, nogil=True)
+def unpool_planes(gy, argmax, first, stop, oh, ow, kw, sh, sw, gx):
+    """max_pool_backward for planes first..stop-1 (on the calling thread)."""
+    width = gx.shape[2]
+    for pl in range(first, stop):
+        _unpool_plane(gy, argmax, pl * oh * ow, oh, ow, kw, sh, sw, width, gx[pl].reshape(-1))
+
+
 @njit(cache=True, parallel=True)
 def max_pool_backward(gy, argmax, planes, oh, ow, kw, sh, sw, gx, chunks):
     """gx = 0, then each window's gy added at its argmax tap (overlapping windows add up).
 
-    gy, argmax flat (`planes` planes of (oh, ow)); gx (planes, H, W).
+    gy, argmax flat (`planes` planes of (oh, ow)); gx (planes, H, W); split in `chunks`.
     """
-    width = gx.shape[2]
     for k in prange(chunks):
-        for pl in range(k * planes // chunks, (k + 1) * planes // chunks):
-            _unpool_plane(gy, argmax, pl * oh * ow, oh, ow, kw, sh, sw, width,
-                          gx[pl].reshape(-1))
+        unpool_planes(gy, argmax, k * planes // chunks, (k + 1) * planes // chunks, oh, ow, kw,
+                      sh, sw, gx)

@@ -1,27 +1,30 @@
 """Numba CPU kernels behind kernels/__init__.py: the same names and semantics as
-kernels/reference.py, for float32 and float64 NumPy arrays.
+kernels/reference.py, for float32 and float64 NumPy arrays (inputs may be non-contiguous;
+they are read, never modified).
 
-Imports numpy, numba and kernels._cpu_*. The @njit code lives in kernels/_cpu_conv.py and
-kernels/_cpu_eltwise.py; this module computes layouts, owns the reusable scratch buffers and
-returns fresh output arrays (the caller keeps them; only internal scratch is reused).
-Inputs may be non-contiguous: they are copied to C order first, never modified.
+Imports numpy, numba and kernels._cpu_*: the @njit code is in _cpu_conv.py and
+_cpu_eltwise.py, conv layouts in _cpu_convdrv.py, memory reuse in _cpu_memory.py.
 """
+import os
+
+import numba.np.ufunc.parallel as _numba_parallel
 import numpy as np
 
 from kernels import _cpu_convdrv as cd
 from kernels import _cpu_eltwise as ce
-from kernels._cpu_memory import launch, outputs, scratch
+from kernels._cpu_memory import launch, outputs, scratch  # noqa: F401 (pools, for tests)
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
            "max_pool2d_forward", "max_pool2d_backward"]
 
-WINOGRAD = True  # 3x3 stride-1 convs (>= 4 input channels) use Winograd F(2x2, 3x3)
-_PARALLEL_MIN = 1 << 15  # elementwise arrays smaller than this run on one thread
-
-
-def _chunks_for(n):
-    return cd.threads() if n >= _PARALLEL_MIN else 1
+# OpenMP workers busy-wait ~1 ms after each parallel kernel by default. When anything else
+# wants the cores (another process, OpenBLAS's pool, PyTorch's) that turns a 20 ms training
+# step into 30-230 ms on 2 cores (measured, see bench/README.md); sleeping at once costs a few
+# microseconds per kernel. So unless the user chose a policy, Numba's OpenMP pool (started on
+# the first kernel call, which is also when this module is first imported) waits passively.
+if not (_numba_parallel._is_initialized or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _bias(b, n, dtype):
@@ -35,11 +38,8 @@ def conv2d_forward(x, w, b, stride, padding):
     nout, nin, kh, kw = w.shape
     bias = _bias(b, nout, x.dtype)
     p = cd.forward_plan(x.shape, nout, kh, kw, stride, padding)
-    out = (x.shape[0], nout, int(p.geo[11]), int(p.geo[12]))
-    if WINOGRAD and cd.winograd_ok(nin, (kh, kw), stride, padding):
-        return cd.winograd_forward(x, w, bias, padding, out)
     wt = np.ascontiguousarray(w).reshape(nout, nin, kh * kw)
-    return cd.correlate(x, wt, bias, p, out)
+    return cd.correlate(x, wt, bias, p, (x.shape[0], nout, int(p.geo[11]), int(p.geo[12])))
 
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding):
@@ -50,8 +50,6 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding):
     nout, nin, kh, kw = w.shape
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, KH, KW)
     zeros = np.zeros(nin, gy.dtype)
-    if WINOGRAD and cd.winograd_ok(nout, (kh, kw), stride, padding):
-        return cd.winograd_forward(gy, flipped, zeros, (2 - ph, 2 - pw), tuple(x_shape))
     h, wd = x_shape[2], x_shape[3]
     p = cd.plan(kh, kw, kh - 1 - ph, kw - 1 - pw, sh, sw, 1, 1, h + kh - 1, wd + kw - 1, h, wd,
                 gy.shape[0], nin, cd.threads())
@@ -61,16 +59,13 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding):
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
     """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions."""
     gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
-    nout, nin, kh, kw = w_shape
-    if WINOGRAD and cd.winograd_ok(nin, (kh, kw), stride, padding):
-        gw, gb = cd.winograd_weight_grad(gy, x, padding)
-    else:
-        p = cd.forward_plan(x.shape, nout, kh, kw, stride, padding)
-        gw, gb = cd.weight_grad(gy, x, tuple(w_shape), p)
+    nout, _, kh, kw = w_shape
+    p = cd.forward_plan(x.shape, nout, kh, kw, stride, padding)
+    gw, gb = cd.weight_grad(gy, x, tuple(w_shape), p)
     return gw, (gb if bias else None)
 
 
-# --- elementwise --------------------------------------------------------------------------
+# --- elementwise (on the calling thread, see kernels/_cpu_eltwise.py) ----------------------
 def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
 
@@ -78,14 +73,14 @@ def _flat(a):
 def relu_forward(x):
     """max(x, 0), a new array of x's shape and dtype."""
     y = outputs.empty(x.shape, dtype=x.dtype)
-    launch(ce.relu_forward, _flat(x), y.reshape(-1), _chunks_for(x.size))
+    ce.relu_forward(_flat(x), y.reshape(-1))
     return y
 
 
 def relu_backward(gy, y):
     """gy where the forward output y > 0, else 0 (a new array)."""
     gx = outputs.empty(gy.shape, dtype=gy.dtype)
-    launch(ce.relu_backward, _flat(gy), _flat(y), gx.reshape(-1), _chunks_for(gy.size))
+    ce.relu_backward(_flat(gy), _flat(y), gx.reshape(-1))
     return gx
 
 
@@ -96,8 +91,8 @@ def _alpha_value(alpha, dtype):
 def residual_add_forward(x, fx, alpha, relu):
     """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
     y = outputs.empty(x.shape, dtype=x.dtype)
-    launch(ce.residual_forward, _flat(x), _flat(fx), _alpha_value(alpha, x.dtype),
-            bool(relu), y.reshape(-1), _chunks_for(x.size))
+    ce.residual_forward(_flat(x), _flat(fx), _alpha_value(alpha, x.dtype), bool(relu),
+                        y.reshape(-1))
     return y
 
 
@@ -106,29 +101,33 @@ def residual_add_backward(gy, y, fx, alpha, relu):
 
     y is read only when relu, fx only when alpha is given.
     """
-    dtype, chunks = gy.dtype, _chunks_for(gy.size)
+    dtype = gy.dtype
     gx, gfx = outputs.empty(gy.shape, dtype=dtype), outputs.empty(gy.shape, dtype=dtype)
     flat_gy = _flat(gy)
-    parts = np.zeros(chunks, dtype=np.float64)
     want = alpha is not None
-    launch(ce.residual_backward, flat_gy, _flat(y) if relu else flat_gy,
-            _flat(fx) if want else flat_gy, _alpha_value(alpha, dtype), bool(relu), want,
-            gx.reshape(-1), gfx.reshape(-1), parts, chunks)
-    galpha = None
+    galpha = ce.residual_backward(flat_gy, _flat(y) if relu else flat_gy,
+                                  _flat(fx) if want else flat_gy, _alpha_value(alpha, dtype),
+                                  bool(relu), want, gx.reshape(-1), gfx.reshape(-1))
     if want:
-        galpha = np.asarray(parts.sum(), dtype=alpha.dtype).reshape(alpha.shape)
-    return gx, gfx, galpha
+        galpha = np.asarray(galpha, dtype=alpha.dtype).reshape(alpha.shape)
+    return gx, gfx, (galpha if want else None)
 
 
 # --- max pooling --------------------------------------------------------------------------
+_POOL_PARALLEL_MIN = 1 << 18  # input elements: below, one thread (no launch cost)
+
+
 def max_pool2d_forward(x, kernel, stride):
     """(y (N, C, OH, OW), argmax int32 tap index i * KW + j of each window's first maximum)."""
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     out = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
     y, argmax = outputs.empty(out, dtype=x.dtype), outputs.empty(out, dtype=np.int32)
-    launch(ce.max_pool_forward, _flat(x), n * c, h, w, kh, kw, sh, sw, y.reshape(-1),
-            argmax.reshape(-1), _chunks_for(x.size))
+    args = (h, w, kh, kw, sh, sw, y.reshape(-1), argmax.reshape(-1))
+    if x.size < _POOL_PARALLEL_MIN:
+        ce.pool_planes(_flat(x), 0, n * c, *args)
+    else:
+        launch(ce.max_pool_forward, _flat(x), n * c, *args, cd.threads())
     return y, argmax
 
 
@@ -136,7 +135,10 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     """gx (N, C, H, W): each window's gy added at its argmax (zero elsewhere)."""
     n, c, oh, ow = gy.shape
     gx = outputs.empty(x_shape, dtype=gy.dtype)
-    launch(ce.max_pool_backward, _flat(gy), _flat(argmax.astype(np.int32, copy=False)), n * c,
-            oh, ow, kernel[1], stride[0], stride[1], gx.reshape(n * c, *x_shape[2:]),
-            _chunks_for(gx.size))
+    args = (oh, ow, kernel[1], stride[0], stride[1], gx.reshape(n * c, *x_shape[2:]))
+    flat_gy, flat_am = _flat(gy), _flat(argmax.astype(np.int32, copy=False))
+    if gx.size < _POOL_PARALLEL_MIN:
+        ce.unpool_planes(flat_gy, flat_am, 0, n * c, *args)
+    else:
+        launch(ce.max_pool_backward, flat_gy, flat_am, n * c, *args, cd.threads())
     return gx

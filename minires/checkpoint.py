@@ -3,8 +3,10 @@
 Arrays are stored under flattened keys ("model/conv1.weight"); the nesting and the scalars
 live in one JSON string entry. Imports only minires.backend, NumPy and the standard library.
 """
+import glob
 import json
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -16,6 +18,12 @@ from minires import backend
 _META = "__minires__"  # the JSON entry: format version and the tree skeleton
 _FORMAT = 1
 _SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}  # bool before int matters
+_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,  # .npy header readers (no pickle)
+            (2, 0): np.lib.format.read_array_header_2_0}
+# What a damaged or hostile archive can raise while being parsed (zipfile and the .npy
+# header parser are not specific); each becomes one ValueError naming the file.
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, OverflowError,
+                RuntimeError, NotImplementedError, struct.error, zipfile.BadZipFile, zlib.error)
 
 
 def save(obj, path):
@@ -35,7 +43,8 @@ def load(path):
     """Read a file written by `save`: the same nesting, with NumPy arrays for the arrays.
 
     Never unpickles: a pickle, an object array, or a truncated/corrupted file raises
-    ValueError naming the path and the problem.
+    ValueError naming the path and the problem. Every member's CRC is verified and its
+    .npy header checked against its size before any array is read.
     """
     path = os.fspath(path)
     arrays = _read_npz(path)
@@ -47,7 +56,7 @@ def load(path):
     except KeyError as err:
         raise ValueError(f"minires.load: {path} is not a minires checkpoint "
                          f"(missing entry {err})") from err
-    except (ValueError, TypeError, AttributeError) as err:
+    except (ValueError, TypeError, AttributeError, RecursionError) as err:
         raise ValueError(f"minires.load: {path} has a malformed index: {err}") from err
 
 
@@ -97,6 +106,8 @@ def _decode(node, arrays):
         items = [_decode(v, arrays) for v in body]
         return items if kind == "list" else tuple(items)
     if kind == "array":
+        if not isinstance(arrays[body], np.ndarray):
+            raise ValueError(f"entry {body!r} is not an array")
         return arrays[body]
     if kind in ("none", "bool", "int", "float", "str"):
         return body
@@ -120,6 +131,18 @@ def _write_atomic(path, arrays):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_folder(folder)
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path):
+    """Delete temp files that earlier writes of `path` left when their process was killed
+    (a SIGKILL skips the `finally` above); the complete file at `path` is never touched."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        try:
+            os.remove(stale)
+        except OSError:  # already gone (another writer cleaned it), or not ours to remove
+            pass
 
 
 def _fsync_folder(folder):
@@ -139,9 +162,34 @@ def _read_npz(path):
             if f.read(4) != b"PK\x03\x04":
                 raise ValueError("not an .npz (zip) archive; pickles and other formats are "
                                  "refused")
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member: a flipped bit anywhere fails its CRC
+            if bad is not None:
+                raise ValueError(f"member {bad!r} is corrupted (bad CRC-32)")
+            return dict(_read_member(zf, info) for info in zf.infolist())
     except FileNotFoundError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+    except _READ_ERRORS as err:
         raise ValueError(f"minires.load: cannot read checkpoint {path}: {err}") from err
+
+
+def _read_member(zf, info):
+    """(key, array) of one .npy member, refusing object dtypes and sizes that disagree
+    with the header before reading (np.load would otherwise read a prefix, unchecked)."""
+    name = info.filename
+    if not name.endswith(".npy"):
+        raise ValueError(f"unexpected member {name!r} (a checkpoint holds .npy arrays only)")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _HEADERS:
+            raise ValueError(f"member {name!r} has unsupported .npy version {version}")
+        shape, _, dtype = _HEADERS[version](f)
+        if dtype.hasobject:
+            raise ValueError(f"member {name!r} is an object array; refused (loading it would "
+                             f"need pickle)")
+        expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != info.file_size:
+        raise ValueError(f"member {name!r} declares {shape} {dtype} ({expected} bytes) but "
+                         f"holds {info.file_size} bytes")
+    with zf.open(info) as f:
+        return name[:-len(".npy")], np.lib.format.read_array(f, allow_pickle=False)

@@ -14,7 +14,8 @@ import numpy as np
 
 import minires
 import minires.ops as F
-from minires import backend, checkpoint, checks, data, models, optim, train
+from minires import anomaly, backend, checkpoint, checks, data, models, optim, train
+from minires.profile import profile_steps
 from minires.tensor import Tensor
 
 MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip connection
@@ -63,6 +64,10 @@ def _parser():
     t.add_argument("--limit", type=int, help="use only the first N train and test images")
     t.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
                    help="also checkpoint every N steps (default 500; 0: epoch ends only)")
+    t.add_argument("--detect-anomaly", action="store_true", help="check every op's output "
+                   "and gradients for NaN/inf and name the first op that produced one (slower)")
+    t.add_argument("--profile", type=int, metavar="N", help="profile N training steps (after "
+                   "one warm-up step): print the per-op table, write OUT/trace.json, exit")
     sub.add_parser("info", help="versions, kernel backends, threads, GPU")
     g = sub.add_parser("gradcheck", help="check every op and layer's gradient numerically")
     g.add_argument("--device", default="cpu", choices=backend.DEVICES)
@@ -120,12 +125,16 @@ def _train(args, device, run, wall):
     scheduler = _schedule(run, optimizer, run["epochs"] * len(loader))
     out = _out_dir(args)
     _print_header(run, model, device, len(loader.labels), out)
+    checking = anomaly.detect_anomaly() if args.detect_anomaly else contextlib.nullcontext()
     try:
-        result = train.fit(model, loader, optimizer, scheduler, epochs=run["epochs"],
-                           test_loader=test_loader, out=out,
-                           checkpoint_every=args.checkpoint_every, resume=args.resume,
-                           hparams=run)
-    except train.NonFiniteLoss as err:
+        with checking:
+            if args.profile is not None:
+                return _profile(args, model, loader, optimizer, scheduler, device, out, run)
+            result = train.fit(model, loader, optimizer, scheduler, epochs=run["epochs"],
+                               test_loader=test_loader, out=out,
+                               checkpoint_every=args.checkpoint_every, resume=args.resume,
+                               hparams=run)
+    except (train.NonFiniteLoss, OSError) as err:  # OSError: disk full, permissions, ...
         print(f"minires train: error: {err}", file=sys.stderr)
         return 1
     except train.ResumeError as err:  # a checkpoint that does not fit this run
@@ -136,6 +145,29 @@ def _train(args, device, run, wall):
           f"({result['images'] / max(train_s, 1e-9):.0f} img/s), evaluation "
           f"{result['seconds'] - train_s:.1f} s, wall time {time.perf_counter() - wall:.1f} s "
           f"| {out}")
+    return 0
+
+
+def _profile(args, model, loader, optimizer, scheduler, device, out, run):
+    """`--profile N`: N profiled training steps (no checkpoint, no metrics), then exit 0."""
+    if args.profile < 1:
+        raise UsageError(f"--profile must be >= 1, got {args.profile}")
+    if args.resume:
+        train.restore(args.resume, model, optimizer, scheduler, loader, run)
+    model.train()
+
+    def batches():
+        while True:  # over epoch ends, as a long run would
+            yield from loader
+
+    source = batches()
+
+    def step_fn():
+        x, y = next(source)
+        train.train_step(model, x, y, optimizer, scheduler)
+
+    out.mkdir(parents=True, exist_ok=True)
+    profile_steps(step_fn, args.profile, warmup=1, trace=out / "trace.json", device=device)
     return 0
 
 

@@ -1,20 +1,22 @@
 """Training loops: train_epoch, evaluate and fit (progress bar, metrics CSV, checkpoints,
-bit-identical resume, stop on a non-finite loss).
+bit-identical resume, stop on a non-finite loss or gradient).
 
 Imports minires.ops, tensor, backend and checkpoint; models, optimizers and loaders come in as
 arguments (nn, optim, data objects).
 """
 import csv
 import math
+import os
 import pathlib
 import sys
+import tempfile
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 import minires.ops as F
-from minires import checkpoint
+from minires import backend, checkpoint
 from minires.tensor import Tensor, no_grad
 
 CSV_FIELDS = ("step", "epoch", "loss", "accuracy", "lr", "x_in", "x_res")
@@ -27,32 +29,75 @@ class ResumeError(ValueError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; `.step` is the (1-based) step that produced it."""
+    """The loss or a gradient became NaN or infinite; `.step` is the (1-based) step that
+    produced it and `.parameter` the first parameter (definition order) whose gradient is
+    not finite, or None."""
 
-    def __init__(self, message, step):
+    def __init__(self, message, step, parameter=None):
         super().__init__(message)
-        self.step = step
+        self.step, self.parameter = step, parameter
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, permission denied, ...); the previous
+    checkpoint file is intact and no temp file is left behind."""
 
 
 def train_step(model, x, y, optimizer, scheduler=None, step=None):
     """One optimisation step on a batch: forward, loss, backward, update, schedule.
 
     x: (B, ...) device array, y: (B,) int64. Returns (loss float, correct int, lr float),
-    lr being the rate this step used. Raises NonFiniteLoss before touching the weights.
+    lr being the rate this step used. Raises NonFiniteLoss before touching the weights when
+    the loss or any gradient is NaN/inf, naming the step and the first such parameter.
     """
-    logits = model(Tensor(x))
-    loss = F.cross_entropy(logits, y)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"loss is {value} at step {step}; training stopped", step)
-    model.zero_grad()
-    loss.backward()
+    try:
+        logits = model(Tensor(x))
+        loss = F.cross_entropy(logits, y)
+        value = loss.item()
+        model.zero_grad()
+        loss.backward()  # also for a NaN loss: its gradients say which parameter went bad
+    except FloatingPointError as err:  # minires.anomaly.detect_anomaly() named the op
+        raise NonFiniteLoss(f"step {step}: {err}; training stopped", step) from None
+    bad = _first_non_finite_grad(model)
+    if bad is not None or not math.isfinite(value):
+        raise NonFiniteLoss(_non_finite_message(model, value, step, bad), step,
+                            bad and bad[0])
     lr = current_lr(optimizer)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     correct = int((logits.data.argmax(axis=1) == y).sum())
     return value, correct, lr
+
+
+def _first_non_finite_grad(model):
+    """(name, shape) of the first parameter whose gradient holds a NaN/inf, else None.
+
+    One host sync for all parameters: the per-parameter flags stay on the device until read.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    xp = backend.array_module(named[0][1].grad)
+    flags = xp.stack([xp.isfinite(p.grad).all() for _, p in named])
+    if bool(flags.all()):
+        return None
+    i = int(backend.to_device(flags, "cpu").argmin())  # first False
+    return named[i][0], tuple(named[i][1].shape)
+
+
+def _non_finite_message(model, value, step, bad):
+    head = (f"loss is {value} at step {step}" if not math.isfinite(value) else
+            f"gradient not finite at step {step} although the loss is finite ({value:.4g})")
+    parts = [head]
+    if bad is not None:
+        parts.append(f"first parameter with a non-finite gradient: {bad[0]} {bad[1]}")
+    broken = next(((n, tuple(p.shape)) for n, p in model.named_parameters()
+                   if not bool(backend.array_module(p.data).isfinite(p.data).all())), None)
+    if broken is not None:
+        parts.append(f"first parameter with a non-finite value: {broken[0]} {broken[1]}")
+    parts.append("training stopped (minires train --detect-anomaly names the op)")
+    return "; ".join(parts)
 
 
 def current_lr(optimizer):
@@ -156,7 +201,8 @@ def restore(path, model, optimizer, scheduler, loader, hparams=None):
 
     Raises ResumeError (a ValueError) when the file is unreadable or not a training
     checkpoint, or its model name (or any other entry of `hparams` it also records) or the
-    shapes of its state differ from this run's.
+    shapes of its state differ from this run's. All or nothing: on any error, the model,
+    optimizer, scheduler and loader are left exactly as they were.
     """
     try:
         state = checkpoint.load(path)
@@ -173,36 +219,62 @@ def restore(path, model, optimizer, scheduler, loader, hparams=None):
         raise ResumeError(f"resume: {path} has {'no ' if state['scheduler'] is None else ''}"
                           f"scheduler state but this run has "
                           f"{'one' if scheduler is not None else 'none'}")
+    parts = [(model, "model"), (optimizer, "optimizer"), (loader, "loader")]
+    parts += [(scheduler, "scheduler")] if scheduler is not None else []
+    before = [obj.state_dict() for obj, _ in parts]  # to roll back a half-done restore
+    rngs = _rng_states(model)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-    except ValueError as err:
-        raise ResumeError(f"resume: {path} does not fit this run: {err}") from None
-    _set_rng_states(model, state["rng"])
+        for obj, key in parts:
+            obj.load_state_dict(state[key])
+        _set_rng_states(model, state["rng"])
+    except (ValueError, TypeError, KeyError) as err:
+        for (obj, _), old in reversed(list(zip(parts, before))):  # optimizer's lr last
+            obj.load_state_dict(old)
+        _set_rng_states(model, rngs)
+        raise ResumeError(f"resume: {path} does not fit this run: {err}; nothing was "
+                          f"loaded") from None
     return state["step"]
 
 
 class _Metrics:
-    """metrics.csv in `out`: rows appended per step; on resume, rows after `step` dropped."""
+    """metrics.csv in `out`: rows appended per step; on resume, rows after `step` dropped.
+
+    The kept rows are rewritten atomically (temp file, then rename), so a kill during a
+    resume never loses rows that the checkpoint's run had written.
+    """
 
     def __init__(self, path, step):
-        rows = []
-        if step and path.exists():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        self.file = open(path, "w", newline="", buffering=1)  # line-buffered: tail -f works
+        rows = _kept_rows(path, step) if step and path.exists() else []
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, CSV_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.file = open(path, "a", newline="", buffering=1)  # line-buffered: tail -f works
         self.writer = csv.DictWriter(self.file, CSV_FIELDS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
 
     def __call__(self, record):
         self.writer.writerow({k: "" if record[k] is None else record[k] for k in CSV_FIELDS})
 
     def close(self):
         self.file.close()
+
+
+def _kept_rows(path, step):
+    """The rows of metrics.csv up to `step`, stopping at a torn line (a kill mid-write)."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if None in r or None in r.values() or not r["step"].isdigit() \
+                    or int(r["step"]) > step:
+                break
+            rows.append(r)
+    return rows
 
 
 def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None, out=None,
@@ -233,7 +305,12 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
     def save():
         if out is not None:
             state = training_state(model, optimizer, scheduler, loader, step, hparams)
-            checkpoint.save(state, out / CHECKPOINT_NAME)
+            try:
+                checkpoint.save(state, out / CHECKPOINT_NAME)
+            except OSError as err:
+                raise CheckpointError(err.errno, f"cannot write checkpoint "
+                                      f"{out / CHECKPOINT_NAME} at step {step} "
+                                      f"({err.strerror or err}); {_last_good(saved)}") from err
             saved.update(step=step, path=out / CHECKPOINT_NAME)
 
     def on_step(record):
@@ -253,9 +330,7 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
             if saved["step"] != step:
                 save()
     except NonFiniteLoss as err:
-        where = (f"last good checkpoint: {saved['path']} (step {saved['step']})"
-                 if saved["path"] is not None else "no checkpoint was written")
-        raise NonFiniteLoss(f"{err}; {where}", err.step) from None
+        raise NonFiniteLoss(f"{err}; {_last_good(saved)}", err.step, err.parameter) from None
     finally:
         if metrics is not None:
             metrics.close()
@@ -263,3 +338,9 @@ def fit(model, loader, optimizer, scheduler=None, *, epochs=1, test_loader=None,
     test = evaluate(model, test_loader) if test_loader is not None else None
     return {"step": step, "train": train, "test": test, "images": images,
             "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
+
+
+def _last_good(saved):
+    """Where the last complete checkpoint is, for error messages."""
+    return (f"last good checkpoint: {saved['path']} (step {saved['step']})"
+            if saved["path"] is not None else "no checkpoint was written")

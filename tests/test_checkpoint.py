@@ -104,7 +104,7 @@ def test_refuses_pickle_renamed_npz(tmp_path):
 def test_refuses_object_array(tmp_path):
     path = tmp_path / "obj.npz"
     np.savez(path, w=np.ones(2), bad=np.array([_Boom()], dtype=object))
-    with pytest.raises(ValueError, match=r"obj\.npz.*[Oo]bject arrays"):
+    with pytest.raises(ValueError, match=r"obj\.npz.*[Oo]bject array"):
         checkpoint.load(path)
 
 

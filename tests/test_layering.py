@@ -14,7 +14,7 @@ PACKAGES = ("minires", "kernels")
 # simply skipped. Extend this table when a module is added (e.g. a new minires.foo).
 BELOW_TRAIN = ("minires.backend", "minires.tensor", "minires.ops", "minires.gradcheck",
                "minires.nn", "minires.models", "minires.optim", "minires.data",
-               "minires.checkpoint", "minires.viz", "minires.profile")
+               "minires.checkpoint", "minires.viz", "minires.profile", "minires.anomaly")
 LAYERS = {
     "kernels": (),
     "minires.backend": (),
@@ -28,6 +28,7 @@ LAYERS = {
     "minires.checkpoint": ("minires.tensor", "minires.backend"),
     "minires.viz": ("minires.tensor", "minires.backend"),  # graphs read duck-typed
     "minires.profile": ("minires.ops", "minires.tensor", "minires.backend"),  # observer hook
+    "minires.anomaly": ("minires.tensor", "minires.backend"),  # observer hook: NaN/inf finder
     "minires.train": BELOW_TRAIN,
     "minires.checks": BELOW_TRAIN,  # the cases `minires gradcheck` runs
     # the top: cli may also read the facade (e.g. minires.__version__)

@@ -6,10 +6,12 @@ from minires.nn.module import Module, Sequential, IncompatibleKeys
 from minires.nn.layers import (Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, GlobalAvgPool2d,
                                Flatten, BatchNorm2d, Dropout)
 from minires.nn.skip import Residual, ReZero, BasicBlock, Highway, DenseSkip
+from minires.nn.recurrent import RNN, LSTM, SequenceOnly
 
 __all__ = [
     "Module", "Sequential", "IncompatibleKeys",
     "Linear", "Conv2d", "ReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "Flatten",
     "BatchNorm2d", "Dropout",
     "Residual", "ReZero", "BasicBlock", "Highway", "DenseSkip",
+    "RNN", "LSTM", "SequenceOnly",
 ]

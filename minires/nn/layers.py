@@ -2,6 +2,9 @@
 
 Imports minires.ops, minires.tensor (through nn.module/nn.init) and numpy. Shapes use the
 notation of minires/ops/conv.py. Weights are drawn on the host (see nn.init), then `.to()`.
+Linear, Conv2d and BatchNorm2d check their input's shape and dtype and name themselves in the
+error: an input whose dtype differs from the layer's (float64 data into a float32 model) is
+refused with a TypeError, never cast silently.
 """
 import numpy as np
 
@@ -11,10 +14,29 @@ from minires.nn.module import Module
 from minires.ops.conv import pair
 
 
+def _check_input(layer, x, shape_ok, expected, hint=""):
+    """TypeError/ValueError naming `layer` (its repr) unless x (anything with .shape and
+    .dtype; other inputs are left to the op) has the layer's dtype and shape_ok(shape)."""
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return
+    own = layer.weight.dtype
+    if dtype != own:
+        other = (f" or build the model with dtype=np.{dtype}" if np.dtype(dtype).kind == "f"
+                 else "")
+        raise TypeError(f"{layer!r}: input dtype {dtype} differs from the layer's {own} "
+                        f"parameters; convert the input (x.astype(np.{own})){other} (inputs "
+                        f"are never cast silently)")
+    if not shape_ok(tuple(shape)):
+        raise ValueError(f"{layer!r}: expected input of shape {expected}, got "
+                         f"{tuple(shape)}{hint}")
+
+
 class Linear(Module):
     """y = x @ weight.T + bias: x (..., in_features) -> (..., out_features).
 
-    weight (out, in) Kaiming-normal (fan_in = in_features), bias (out,) zeros.
+    weight (out, in) Kaiming-normal (fan_in = in_features), bias (out,) zeros. x must have
+    the layer's dtype (float32 by default): a float64 x raises TypeError.
     """
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
@@ -26,6 +48,11 @@ class Linear(Module):
         self.bias = init.zeros((out_features,), dtype) if bias else None
 
     def forward(self, x):
+        n = self.in_features
+        shape = getattr(x, "shape", ())
+        flat = len(shape) > 2 and int(np.prod(shape[1:])) == n
+        _check_input(self, x, lambda s: len(s) >= 1 and s[-1] == n, f"(..., {n})",
+                     " (flatten it first: nn.Flatten())" if flat else "")
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
@@ -35,7 +62,8 @@ class Linear(Module):
 class Conv2d(Module):
     """2-D convolution: x (N, C, H, W) -> (N, O, OH, OW).
 
-    weight (O, C, KH, KW) Kaiming-normal (fan_in = C*KH*KW), bias (O,) zeros.
+    weight (O, C, KH, KW) Kaiming-normal (fan_in = C*KH*KW), bias (O,) zeros. x must have
+    the layer's dtype (float32 by default): a float64 x raises TypeError.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -52,6 +80,9 @@ class Conv2d(Module):
         self.bias = init.zeros((out_channels,), dtype) if bias else None
 
     def forward(self, x):
+        c = self.in_channels
+        _check_input(self, x, lambda s: len(s) == 4 and s[1] == c, f"(N, {c}, H, W)",
+                     " (add the batch axis: x[None])" if getattr(x, "ndim", 0) == 3 else "")
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self):
@@ -127,6 +158,9 @@ class BatchNorm2d(Module):
         self.register_buffer("running_var", np.ones(num_features, dtype))
 
     def forward(self, x):
+        c = self.num_features
+        _check_input(self, x, lambda s: len(s) in (2, 4) and s[1] == c,
+                     f"(N, {c}, H, W) or (N, {c})")
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             training=self.training, momentum=self.momentum, eps=self.eps)
 
