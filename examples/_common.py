@@ -75,14 +75,17 @@ def test_loader(args):
     return DataLoader(images, labels, EVAL_BATCH, shuffle=False, device=args.device)
 
 
-def train(model, loader, args, *, lr=None, epochs=1, on_step=None, desc="train"):
+def train(model, loader, args, *, epochs=1, one_cycle=False, on_step=None, desc="train"):
     """Train `model` (moved to --device) with Adam for `epochs` passes over `loader` through
-    minires.train.train_epoch; returns the last epoch's metrics dict."""
+    minires.train.train_epoch; returns the last epoch's metrics dict. The learning rate is
+    --lr, or with one_cycle (and 2+ steps) a one-cycle schedule peaking at --lr."""
     model.to(args.device)
-    optimizer = optim.Adam(model.parameters(), lr=args.lr if lr is None else lr)
+    optimizer = optim.Adam(model.parameters(), lr=args.lr)
+    total = epochs * len(loader)
+    scheduler = optim.OneCycleLR(optimizer, args.lr, total) if one_cycle and total > 1 else None
     metrics, step = None, 0
     for _ in range(epochs):
-        metrics = train_epoch(model, loader, optimizer, step=step, on_step=on_step,
+        metrics = train_epoch(model, loader, optimizer, scheduler, step=step, on_step=on_step,
                               progress=not args.no_progress, desc=desc)
         step += metrics["steps"]
     return metrics

@@ -68,7 +68,7 @@ def load_model(args):
     if args.checkpoint is None:
         model = BUILD[args.model](args.seed)
         C.train(model, C.train_loader(args, limit=args.steps * args.batch_size), args,
-                desc=f"train {args.model}")
+                one_cycle=True, desc=f"train {args.model}")
         return model, True
     state = minires.load(args.checkpoint)
     if isinstance(state, dict) and state.get("kind") == "minires.train":  # `minires train`

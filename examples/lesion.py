@@ -1,7 +1,9 @@
 """Lesion study: train a small BasicBlock ResNet and a plain net of as many blocks, then remove
 one block at a time at test time (keeping only its shortcut) and measure the test accuracy.
 
-    python examples/lesion.py          # resnet(blocks=(2, 2, 2)) vs plain_net(6), both with BN
+    python examples/lesion.py     # resnet(blocks=(4, 4, 4), channels=8) vs plain_net(12), BN
+
+Both nets train for one epoch (Adam, one-cycle schedule peaking at --lr).
 
 A ResNet block removed leaves its shortcut: the identity, or for the first block of a stage the
 1x1 projection (then ReLU, as the block would apply). A plain block removed becomes the
@@ -73,12 +75,13 @@ def plot(rows, path):
 
 def main(argv=None):
     p = C.parser("lesion", __doc__.split("\n")[0], lr=3e-3, test_limit=2000)
-    p.add_argument("--blocks", type=int, nargs="+", default=[2, 2, 2],
-                   help="ResNet BasicBlocks per stage (default 2 2 2: 6 blocks, 2 projections)")
+    p.add_argument("--blocks", type=int, nargs="+", default=[4, 4, 4],
+                   help="ResNet BasicBlocks per stage (default 4 4 4: 12 blocks, 2 projections)")
     p.add_argument("--plain-depth", type=int, default=None,
                    help="plain_net blocks (default: as many as the ResNet's)")
-    p.add_argument("--steps", type=int, default=400, help="training steps per net")
-    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--steps", type=int, default=938, help="training steps per net (default "
+                   "938: one epoch)")
+    p.add_argument("--channels", type=int, default=8)
     args = p.parse_args(argv)
     out, test = C.out_dir(args), C.test_loader(args)
     plain_depth = args.plain_depth or sum(args.blocks)
@@ -90,7 +93,7 @@ def main(argv=None):
     for name, model in nets.items():
         start = time.perf_counter()
         C.train(model, C.train_loader(args, limit=args.steps * args.batch_size), args,
-                desc=name)
+                one_cycle=True, desc=name)
         seconds = time.perf_counter() - start
         rows += lesion(name, model, test)
         lost = [f"{100 * r['test_accuracy']:.1f}" for r in rows if r["model"] == name]

@@ -131,12 +131,13 @@ def _write_atomic(path, arrays):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_folder(folder)
-    _remove_stale_temps(path)
+    remove_stale_temps(path)
 
 
-def _remove_stale_temps(path):
-    """Delete temp files that earlier writes of `path` left when their process was killed
-    (a SIGKILL skips the `finally` above); the complete file at `path` is never touched."""
+def remove_stale_temps(path):
+    """Delete the temp files (`.NAME.*.tmp` beside it) that earlier atomic writes of `path`
+    left when their process was killed (a SIGKILL skips every `finally`); `path` itself is
+    never touched."""
     folder, name = os.path.split(os.path.abspath(path))
     for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
         try:

@@ -167,7 +167,8 @@ def _profile(args, model, loader, optimizer, scheduler, device, out, run):
         train.train_step(model, x, y, optimizer, scheduler)
 
     out.mkdir(parents=True, exist_ok=True)
-    profile_steps(step_fn, args.profile, warmup=1, trace=out / "trace.json", device=device)
+    profile_steps(step_fn, args.profile, warmup=1, trace=out / "trace.json", device=device,
+                  file=sys.stdout)  # today's stdout (the default was bound at import)
     return 0
 
 

@@ -13,6 +13,9 @@ from minires.tensor import Tensor
 
 
 def _check_params(params, name):
+    if isinstance(params, Tensor) or hasattr(params, "named_parameters"):
+        raise TypeError(f"{name}: expected an iterable of Parameters, got a "
+                        f"{type(params).__name__}; pass model.parameters()")
     params = list(params)
     if not params:
         raise ValueError(f"{name}: got an empty parameter list")

@@ -255,6 +255,7 @@ class _Metrics:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        checkpoint.remove_stale_temps(path)  # left by a run killed in this very spot
         self.file = open(path, "a", newline="", buffering=1)  # line-buffered: tail -f works
         self.writer = csv.DictWriter(self.file, CSV_FIELDS)
 

@@ -123,6 +123,9 @@ def test_non_contiguous_inputs_are_read_and_left_unchanged(rng, dtype):
     y_ref, am_ref = ref.max_pool2d_forward(x, (2, 3), (2, 2))
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(am, am_ref)
+    g = _data(rng, y.shape[:2] + y.shape[:1:-1], dtype).swapaxes(2, 3)  # y's shape, strided
+    _check(cpu.max_pool2d_backward(g, am, x.shape, (2, 3), (2, 2)),
+           ref.max_pool2d_backward(*_wide(g), am, x.shape, (2, 3), (2, 2)), dtype, reduce=False)
     for a, b in zip((x, w, gy), before):
         np.testing.assert_array_equal(a, b)
 

@@ -103,8 +103,16 @@ class Neg(Function):
         return -gy
 
 
+def _check_float(op, x):
+    # exp/log of an integer array would silently become float64 (NumPy's promotion)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{op}: expected a float32 or float64 input, got {x.dtype}; convert "
+                        f"it first (e.g. x.astype(np.float32))")
+
+
 class Exp(Function):
     def forward(self, x):
+        _check_float("exp", x)
         y = self.xp.exp(x)
         self.save_for_backward(y)
         return y
@@ -115,6 +123,7 @@ class Exp(Function):
 
 class Log(Function):
     def forward(self, x):
+        _check_float("log", x)
         self.save_for_backward(x)
         return self.xp.log(x)
 
