@@ -44,15 +44,24 @@ def _frozen(*values):
 @functools.lru_cache(maxsize=256)
 def plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow, nimg, nout, threads):
     """Direct layout (see kernels/_cpu_conv.py): geo, tap offsets, the per-channel buffer
-    size S, the grid scratch length L, output-channel chunks."""
+    size S, the grid scratch length L, output-channel chunks.
+
+    Stride 1 with padding on both sides (no cropping) packs compactly: a row's right padding
+    is the next row's left padding, an image's bottom padding the next image's top padding
+    (rows wp - left apart, images hp - top rows apart), so fewer grid positions are wasted.
+    """
     hq, wq = -(-hp // psh), -(-wp // psw)
     plane = hq * wq
     img = psh * psw * plane
+    if psh == psw == dh == dw == 1 and top >= 0 and left >= 0:
+        wq = plane = wp - left
+        img = (hp - top) * wq
     nb, chunks = _blocks(nimg, _GRID_TARGET // img, nout, threads)
     geo = _frozen(top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow, img, nb)
     offs = _frozen(*[((i % psh) * psw + j % psw) * plane + (i // psh) * wq + j // psw
                      for i in range(kh) for j in range(kw)])
-    size = -(-(nb * img + wq + 16) // 16) * 16  # the rounded grid reads up to wq + 15 past
+    # reads run past the last image by its bottom padding, a row, the taps and the rounding
+    size = -(-(nb * img + (max(top, 0) + 1) * wq + kw + 32) // 16) * 16
     return Plan(geo, offs, size, nb * img + 16, chunks, threads)
 
 

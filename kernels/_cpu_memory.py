@@ -5,6 +5,7 @@ Imports numpy only. Page faults are expensive on small VMs (PERF.md): a freshly 
 """
 import collections
 import contextlib
+import math
 import sys
 import threading
 
@@ -71,7 +72,7 @@ class Recycler:
 
     def empty(self, shape, dtype):
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # (np.prod costs microseconds here)
         if not self.enabled or nbytes < self.min_bytes:
             return np.empty(shape, dtype)
         key = (tuple(shape), dtype.str)

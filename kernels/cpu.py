@@ -23,8 +23,15 @@ __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
 # step into 30-230 ms on 2 cores (measured, see bench/README.md); sleeping at once costs a few
 # microseconds per kernel. So unless the user chose a policy, Numba's OpenMP pool (started on
 # the first kernel call, which is also when this module is first imported) waits passively.
-if not (_numba_parallel._is_initialized or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+def _prefer_passive_openmp():
+    """Set OMP_WAIT_POLICY=PASSIVE unless the user set a policy or Numba's pool already runs
+    (an unknown Numba internals layout counts as running: then nothing is changed)."""
+    started = getattr(_numba_parallel, "_is_initialized", True)
+    if not started and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+_prefer_passive_openmp()
 
 
 def _bias(b, n, dtype):

@@ -7,5 +7,6 @@ from minires.tensor import tensor, zeros, ones, randn
 from minires import ops, nn, optim, models
 from minires.checkpoint import save, load
 from minires.profile import profile
+from minires.anomaly import detect_anomaly
 
 __version__ = "0.1.0"

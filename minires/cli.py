@@ -99,7 +99,8 @@ def _check_device(device):
 
 # --- train --------------------------------------------------------------------------------
 def cmd_train(args):
-    """`minires train`: returns 0, or 1 when the data is unavailable or the loss diverges."""
+    """`minires train`: returns 0, or 1 when the data is unavailable, the loss diverges or
+    an output file cannot be written (each reported in one line)."""
     wall = time.perf_counter()
     device = _check_device(args.device)
     run = _run_settings(args)
@@ -134,7 +135,7 @@ def _train(args, device, run, wall):
                                test_loader=test_loader, out=out,
                                checkpoint_every=args.checkpoint_every, resume=args.resume,
                                hparams=run)
-    except (train.NonFiniteLoss, OSError) as err:  # OSError: disk full, permissions, ...
+    except (train.NonFiniteLoss, anomaly.AnomalyError, OSError) as err:  # OSError: disk full
         print(f"minires train: error: {err}", file=sys.stderr)
         return 1
     except train.ResumeError as err:  # a checkpoint that does not fit this run
