@@ -30,6 +30,7 @@ class Removed(nn.Module):
 
 
 def block_kind(block):
+    """'identity' or 'projection' (a BasicBlock's shortcut), or 'plain' (a plain_net block)."""
     if isinstance(block, nn.BasicBlock):
         return "identity" if block.shortcut is None else "projection"
     return "plain"
@@ -69,11 +70,12 @@ def plot(rows, path):
     ax.set_xticks(sorted({r["block"] + 1 for r in rows if r["block"] >= 0}))
     ax.set(xlabel="block removed", ylabel="test accuracy (%)", ylim=(0, 100),
            title="remove one block at test time (dotted: nothing removed)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     C.save_figure(fig, path)
 
 
 def main(argv=None):
+    """Run from the command line (argv: a list of arguments); returns the results."""
     p = C.parser("lesion", __doc__.split("\n")[0], lr=3e-3, test_limit=2000)
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 4, 4],
                    help="ResNet BasicBlocks per stage (default 4 4 4: 12 blocks, 2 projections)")

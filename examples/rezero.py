@@ -9,6 +9,7 @@ import grad_flow
 
 
 def main(argv=None):
+    """grad_flow.main with --skip rezero and --out runs/rezero (argv may override --out)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     return grad_flow.main(["--skip", "rezero", "--out", "runs/rezero"] + argv)
 

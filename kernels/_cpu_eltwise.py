@@ -1,9 +1,8 @@
 """Numba @njit kernels for ReLU, the fused residual add and max pooling (kernels/cpu.py wraps).
 
 Imports numba only. Elementwise kernels take flat contiguous arrays and run on the calling
-thread: they are memory-bound, and at the seed net's sizes (up to 3.2M elements) two threads
-measured no faster than one, while every parallel launch costs microseconds (and compile time).
-Pooling does 4-16 compares per output and is split over planes when the input is large.
+thread; `chunked` splits a big array over threads (a parallel launch costs microseconds, so
+kernels/cpu.py uses it only for large arrays). Pooling is split over planes likewise.
 """
 from numba import njit, prange
 
@@ -78,6 +77,28 @@ def residual_backward(gy, y, fx, alpha, relu, want_galpha, gx, gfx):
         for i in range(n):
             gfx[i] = alpha * gx[i]
     return _dot(gx, fx) if want_galpha else 0.0
+
+
+@njit(cache=True, parallel=True)
+def chunked(op, a, b, c, d, e, alpha, relu, want, parts, chunks):
+    """Run one elementwise kernel over `chunks` contiguous ranges in parallel: op 0
+    relu_forward(a, b), 1 relu_backward(a, b, c), 2 residual_forward(a, b, alpha, relu, c),
+    3 residual_backward(a, b, c, alpha, relu, want, d, e) with chunk k's galpha share in
+    parts[k]. Unused array slots take any array of the dtype. One driver for all four keeps
+    the compile time down (a parallel function compiles slowly).
+    """
+    n = a.shape[0]
+    for k in prange(chunks):
+        lo, hi = k * n // chunks, (k + 1) * n // chunks
+        if op == 0:
+            relu_forward(a[lo:hi], b[lo:hi])
+        elif op == 1:
+            relu_backward(a[lo:hi], b[lo:hi], c[lo:hi])
+        elif op == 2:
+            residual_forward(a[lo:hi], b[lo:hi], alpha, relu, c[lo:hi])
+        else:
+            parts[k] = residual_backward(a[lo:hi], b[lo:hi], c[lo:hi], alpha, relu, want,
+                                         d[lo:hi], e[lo:hi])
 
 
 @njit(cache=True, nogil=True)

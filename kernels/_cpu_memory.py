@@ -69,6 +69,20 @@ class Recycler:
         self._bytes = 0
         self.min_bytes, self.max_bytes, self.per_key = min_bytes, max_bytes, per_key
         self.enabled = True
+        # The count an array has when only the list and the loop below hold it, measured
+        # with the same code rather than assumed (interpreters differ in temporary references).
+        self._free_refs = self._first_free([np.empty(0)], probe=True)
+
+    @staticmethod
+    def _first_free(kept, probe=False, free_refs=0):
+        """The first array in `kept` nothing else references (probe: its reference count)."""
+        for a in kept:
+            refs = sys.getrefcount(a)
+            if probe:
+                return refs
+            if refs <= free_refs:
+                return a
+        return None
 
     def empty(self, shape, dtype):
         dtype = np.dtype(dtype)
@@ -79,10 +93,9 @@ class Recycler:
         with self._lock:
             kept = self._kept.setdefault(key, [])
             self._kept.move_to_end(key)
-            for a in kept:
-                # references: the list, the loop variable and getrefcount's argument
-                if sys.getrefcount(a) <= 3:
-                    return a
+            a = self._first_free(kept, free_refs=self._free_refs)
+            if a is not None:
+                return a
             a = np.empty(shape, dtype)
             if len(kept) < self.per_key:
                 kept.append(a)

@@ -72,22 +72,41 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
     return gw, (gb if bias else None)
 
 
-# --- elementwise (on the calling thread, see kernels/_cpu_eltwise.py) ----------------------
+# --- elementwise --------------------------------------------------------------------------
+_SPLIT_MIN = 1 << 19  # elements: smaller arrays run on the calling thread (no launch cost)
+
+
 def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
+
+
+def _elementwise(op, serial, arrays, alpha=None, relu=False, want=False):
+    """Run `serial()` on the calling thread, or split the same kernel over threads through
+    ce.chunked(op, ...) for big arrays; returns what op 3 returns (the galpha sum)."""
+    n = arrays[0].shape[0]
+    chunks = cd.threads() if n >= _SPLIT_MIN else 1
+    if chunks == 1:
+        return serial()
+    slots = (arrays + (arrays[0],) * 5)[:5]
+    alpha = arrays[0].dtype.type(1) if alpha is None else alpha  # one signature for all ops
+    parts = np.zeros(chunks)
+    launch(ce.chunked, op, *slots, alpha, relu, want, parts, chunks)
+    return parts.sum()
 
 
 def relu_forward(x):
     """max(x, 0), a new array of x's shape and dtype."""
     y = outputs.empty(x.shape, dtype=x.dtype)
-    ce.relu_forward(_flat(x), y.reshape(-1))
+    a, b = _flat(x), y.reshape(-1)
+    _elementwise(0, lambda: ce.relu_forward(a, b), (a, b))
     return y
 
 
 def relu_backward(gy, y):
     """gy where the forward output y > 0, else 0 (a new array)."""
     gx = outputs.empty(gy.shape, dtype=gy.dtype)
-    ce.relu_backward(_flat(gy), _flat(y), gx.reshape(-1))
+    a, b, c = _flat(gy), _flat(y), gx.reshape(-1)
+    _elementwise(1, lambda: ce.relu_backward(a, b, c), (a, b, c))
     return gx
 
 
@@ -98,8 +117,9 @@ def _alpha_value(alpha, dtype):
 def residual_add_forward(x, fx, alpha, relu):
     """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
     y = outputs.empty(x.shape, dtype=x.dtype)
-    ce.residual_forward(_flat(x), _flat(fx), _alpha_value(alpha, x.dtype), bool(relu),
-                        y.reshape(-1))
+    a, b, c = _flat(x), _flat(fx), y.reshape(-1)
+    al, relu = _alpha_value(alpha, x.dtype), bool(relu)
+    _elementwise(2, lambda: ce.residual_forward(a, b, al, relu, c), (a, b, c), al, relu)
     return y
 
 
@@ -108,16 +128,17 @@ def residual_add_backward(gy, y, fx, alpha, relu):
 
     y is read only when relu, fx only when alpha is given.
     """
-    dtype = gy.dtype
+    dtype, want, relu = gy.dtype, alpha is not None, bool(relu)
     gx, gfx = outputs.empty(gy.shape, dtype=dtype), outputs.empty(gy.shape, dtype=dtype)
-    flat_gy = _flat(gy)
-    want = alpha is not None
-    galpha = ce.residual_backward(flat_gy, _flat(y) if relu else flat_gy,
-                                  _flat(fx) if want else flat_gy, _alpha_value(alpha, dtype),
-                                  bool(relu), want, gx.reshape(-1), gfx.reshape(-1))
-    if want:
-        galpha = np.asarray(galpha, dtype=alpha.dtype).reshape(alpha.shape)
-    return gx, gfx, (galpha if want else None)
+    g = _flat(gy)
+    arrays = (g, _flat(y) if relu else g, _flat(fx) if want else g, gx.reshape(-1),
+              gfx.reshape(-1))
+    al = _alpha_value(alpha, dtype)
+    galpha = _elementwise(3, lambda: ce.residual_backward(*arrays[:3], al, relu, want,
+                                                          *arrays[3:]), arrays, al, relu, want)
+    if not want:
+        return gx, gfx, None
+    return gx, gfx, np.asarray(galpha, dtype=alpha.dtype).reshape(alpha.shape)
 
 
 # --- max pooling --------------------------------------------------------------------------

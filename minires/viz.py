@@ -321,6 +321,7 @@ def draw(tensor, path, **kw):
     to_dot (grads, params, modules, clusters, rankdir).
     """
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     dot = to_dot(tensor, **kw)
     fmt = path.suffix.lstrip(".").lower()
     if fmt == "dot":

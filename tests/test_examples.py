@@ -167,7 +167,7 @@ def test_activations_trains_saves_and_reloads_the_same_maps(tmp_path, mnist_dir)
 
 def test_resnet_mnist_reports_test_accuracy(tmp_path, mnist_dir):
     resnet_mnist = importlib.import_module("resnet_mnist")
-    summary = resnet_mnist.main(tiny(tmp_path, mnist_dir, "--limit", "64"))
+    summary = resnet_mnist.main(tiny(tmp_path, mnist_dir, "--limit", "64", "--depth", "8"))
     saved = json.loads((tmp_path / "resnet_mnist.json").read_text())
     assert saved["steps"] == 2 and saved["test_accuracy"] == summary["test_accuracy"]
     assert len(read_csv(tmp_path / "metrics.csv")) == 2

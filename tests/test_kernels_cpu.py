@@ -164,9 +164,19 @@ def test_concurrent_calls_from_python_threads(rng):
         _check(y, ref.conv2d_forward(x, w, None, (1, 1), (1, 1)), np.float64)
 
 
+@pytest.fixture(params=[False, True], ids=["one-thread", "split"])
+def split(request, monkeypatch):
+    """Elementwise and pooling kernels on the calling thread, or (thresholds lowered) split
+    over threads."""
+    if request.param:
+        monkeypatch.setattr(cpu, "_SPLIT_MIN", 64)
+        monkeypatch.setattr(cpu, "_POOL_PARALLEL_MIN", 64)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 16, 28, 28)])  # one below, one above the
-def test_relu(rng, dtype, shape):                                # threshold for threading
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 16, 28, 28)])
+def test_relu(rng, dtype, shape, split):
     x, gy = _data(rng, shape, dtype), _data(rng, shape, dtype)
     x.flat[:4] = [0.0, -0.0, np.inf, -np.inf]
     y = cpu.relu_forward(x)
@@ -179,7 +189,7 @@ def test_relu(rng, dtype, shape):                                # threshold for
 @pytest.mark.parametrize("alpha", [None, 0.375, 1.0])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (8, 16, 28, 28)])
-def test_residual_add(rng, dtype, alpha, relu, shape):
+def test_residual_add(rng, dtype, alpha, relu, shape, split):
     x, fx, gy = (_data(rng, shape, dtype) for _ in range(3))
     a = None if alpha is None else np.array([alpha], dtype)
     y = cpu.residual_add_forward(x, fx, a, relu)
@@ -204,7 +214,7 @@ def test_residual_add(rng, dtype, alpha, relu, shape):
     ((4, 16, 7, 7), (2, 2), (2, 2)),   # floor: the last row and column are dropped
     ((1, 1, 5, 5), (5, 5), (1, 1)),   # one window covering the whole image
 ])
-def test_max_pool2d(rng, dtype, shape, kernel, stride):
+def test_max_pool2d(rng, dtype, shape, kernel, stride, split):
     x = rng.integers(-3, 4, shape).astype(dtype)  # many ties: the first maximum must win
     y, am = cpu.max_pool2d_forward(x, kernel, stride)
     y_ref, am_ref = ref.max_pool2d_forward(x, kernel, stride)

@@ -29,3 +29,10 @@ def test_readme_example_runs(capsys):
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert "gradcheck passed" in capsys.readouterr().out
     assert namespace["x"].grad.shape == (1, 3) and namespace["w"].grad.shape == (2, 3)
+
+
+def test_every_readme_python_block_runs(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for i, block in enumerate(python_blocks(README)[1:], start=2):
+        exec(compile(block, f"README.md python block {i}", "exec"), {})
+    assert "correct at lr" in capsys.readouterr().out
