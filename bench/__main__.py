@@ -76,12 +76,13 @@ def _warm_kernels(xp):
     y = kernels.conv2d_forward(x, w, None, (1, 1), (1, 1))
     kernels.conv2d_backward_input(y, w, x.shape, (1, 1), (1, 1))
     kernels.conv2d_backward_weight(y, x, w.shape, (1, 1), (1, 1), True)
-    r = kernels.relu_forward(x)
-    kernels.relu_backward(x, r)
-    s = kernels.residual_add_forward(x, x, None, False)
-    kernels.residual_add_backward(s, s, x, None, False)
-    p, am = kernels.max_pool2d_forward(x, (2, 2), (2, 2))
-    kernels.max_pool2d_backward(p, am, x.shape, (2, 2), (2, 2))
+    for a in (x, xp.ones((4, 4, 256, 128), dtype=np.float32)):  # small, and big enough to
+        r = kernels.relu_forward(a)                            # be split over threads
+        kernels.relu_backward(a, r)
+        s = kernels.residual_add_forward(a, a, None, False)
+        kernels.residual_add_backward(s, s, a, None, False)
+        p, am = kernels.max_pool2d_forward(a, (2, 2), (2, 2))
+        kernels.max_pool2d_backward(p, am, a.shape, (2, 2), (2, 2))
     return time.perf_counter() - t0
 
 

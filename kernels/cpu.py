@@ -39,8 +39,22 @@ def _bias(b, n, dtype):
 
 
 # --- convolution --------------------------------------------------------------------------
+def _wide(kernel, padding):
+    """True when padding exceeds KH - 1 or KW - 1: whole output rows then read nothing but
+    padding, which the kernels' padded layout does not cover (and backward-input's padding
+    K - 1 - P would be negative), so such rare calls pad explicitly and use padding 0."""
+    return padding[0] > kernel[0] - 1 or padding[1] > kernel[1] - 1
+
+
+def _pad(x, padding):
+    (ph, pw) = padding
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
 def conv2d_forward(x, w, b, stride, padding):
     """y (N, O, OH, OW) = cross-correlation of x (N, C, H, W) with w (O, C, KH, KW) + b."""
+    if _wide(w.shape[2:], padding):
+        return conv2d_forward(_pad(x, padding), w, b, stride, (0, 0))
     x = np.ascontiguousarray(x)
     nout, nin, kh, kw = w.shape
     bias = _bias(b, nout, x.dtype)
@@ -52,8 +66,12 @@ def conv2d_forward(x, w, b, stride, padding):
 def conv2d_backward_input(gy, w, x_shape, stride, padding):
     """gx (N, C, H, W): gy dilated by the stride, padded by K - 1 - padding, correlated with
     the flipped kernel with in/out channels swapped (a stride-1 convolution)."""
-    gy = np.ascontiguousarray(gy)
     (sh, sw), (ph, pw) = stride, padding
+    if _wide(w.shape[2:], padding):
+        n, c, h, wd = x_shape
+        gx = conv2d_backward_input(gy, w, (n, c, h + 2 * ph, wd + 2 * pw), stride, (0, 0))
+        return np.ascontiguousarray(gx[:, :, ph:ph + h, pw:pw + wd])
+    gy = np.ascontiguousarray(gy)
     nout, nin, kh, kw = w.shape
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, KH, KW)
     zeros = np.zeros(nin, gy.dtype)
@@ -65,6 +83,8 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding):
 
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
     """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions."""
+    if _wide(w_shape[2:], padding):
+        return conv2d_backward_weight(gy, _pad(x, padding), w_shape, stride, (0, 0), bias)
     gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
     nout, _, kh, kw = w_shape
     p = cd.forward_plan(x.shape, nout, kh, kw, stride, padding)
