@@ -165,7 +165,7 @@ def plot(rows, summaries, args, path):
     if "alpha" in ax:
         ax["alpha"].set(ylabel="ReZero alpha")
     axes[-1].set_xlabel("step")
-    C.save_figure(fig, path)
+    C.save_figure(fig, path, dpi=80)  # thousands of noisy raw points: keeps the PNG small
 
 
 def main(argv=None):

@@ -3,9 +3,10 @@
 Imports numba only. Images are copied into a zero-padded per-thread buffer (split into stride
 phases), so every kernel tap is one long contiguous loop over the output grid.
 
-Layout (geo, an int64 array built by kernels/cpu.py, fields below): source pixel (h, w) of
-image b of a block lands at padded row r = top + h*dh, column q = left + w*dw (dropped outside
-[0, hp) x [0, wp)), in phase plane (r % psh) * psw + q % psw at flat position
+Layout: geo is an int64 array (top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow,
+img, nb) built by kernels/_cpu_convdrv.py. Source pixel (h, w) of image b of a block lands at
+padded row r = top + h*dh, column q = left + w*dw (dropped outside [0, hp) x [0, wp)), in
+phase plane (r % psh) * psw + q % psw at flat position
 b*img + plane_index*plane + (r // psh)*wq + q // psw. Tap t reads offset offs[t] from the grid
 position b*img + oh*wq + ow of output (oh, ow); the other grid positions are garbage (never
 emitted; zero in the gy grid of the weight gradient). Small images are stacked nb to a block
@@ -17,8 +18,6 @@ from numba import njit, prange
 # a reduction over positions, which vectorises only when it may be reassociated.
 _FMA = {"contract"}
 _REDUCE = {"contract", "reassoc", "nsz"}
-GEO_FIELDS = ("top", "left", "dh", "dw", "psh", "psw", "hq", "wq", "plane", "hp", "wp", "oh",
-              "ow", "img", "nb")
 
 
 @njit(cache=True, nogil=True)

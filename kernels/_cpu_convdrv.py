@@ -46,14 +46,15 @@ def plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow, nimg, nout, thread
     """Direct layout (see kernels/_cpu_conv.py): geo, tap offsets, the per-channel buffer
     size S, the grid scratch length L, output-channel chunks.
 
-    Stride 1 with padding on both sides (no cropping) packs compactly: a row's right padding
-    is the next row's left padding, an image's bottom padding the next image's top padding
-    (rows wp - left apart, images hp - top rows apart), so fewer grid positions are wasted.
+    Stride 1 with padding 0..K-1 on both sides packs compactly: a row's right padding is the
+    next row's left padding, an image's bottom padding the next image's top padding (rows
+    wp - left apart, images hp - top rows apart), so fewer grid positions are wasted.
     """
     hq, wq = -(-hp // psh), -(-wp // psw)
     plane = hq * wq
     img = psh * psw * plane
-    if psh == psw == dh == dw == 1 and top >= 0 and left >= 0:
+    if psh == psw == dh == dw == 1 and 0 <= top < kh and 0 <= left < kw:
+        # (wider padding would make output rows longer than wq: no compaction then)
         wq = plane = wp - left
         img = (hp - top) * wq
     nb, chunks = _blocks(nimg, _GRID_TARGET // img, nout, threads)
