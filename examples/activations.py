@@ -19,6 +19,7 @@ BUILD = {  # --model and `minires train --model` names -> the net
     "rezero": lambda seed: models.seed_net(skip="rezero", rng=seed),
     "resnet": lambda seed: models.resnet(depth=8, rng=seed),
 }
+NAMES = {"seed": "seed net", "rezero": "seed net (ReZero)", "resnet": "ResNet-8"}
 
 
 def trace(module, x, name, maps):
@@ -104,7 +105,7 @@ def plot(images, maps, labels, args, path):
                         transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=6)
     for d in range(n):
         axes[0, d * k].set_title(f"digit {labels[d]}", fontsize=7, loc="left")
-    fig.suptitle(f"{args.model} net: first {k} channels per layer (colour scale shared per "
+    fig.suptitle(f"{NAMES[args.model]}: first {k} channels per layer (colour scale shared per "
                  f"row)", fontsize=9)
     fig.subplots_adjust(wspace=0.05, hspace=0.15)
     C.save_figure(fig, path, dpi=80)
@@ -123,7 +124,7 @@ def main(argv=None):
     model, trained = load_model(args)
     if trained:
         minires.save(model.state_dict(), out / "model.npz")
-    print(f"{args.model} net: test accuracy {100 * C.accuracy(model, C.test_loader(args)):.2f}%")
+    print(f"{NAMES[args.model]}: test accuracy {100 * C.accuracy(model, C.test_loader(args)):.2f}%")
     labels = C.mnist(args, "test", args.digits)[1]
     x = next(iter(C.test_loader(args)))[0][:args.digits]  # normalised like in training
     maps = []

@@ -53,12 +53,11 @@ def train_step(model, x, y, optimizer, scheduler=None, step=None):
     try:
         logits = model(Tensor(x))
         loss = F.cross_entropy(logits, y)
-        value = loss.item()
         model.zero_grad()
         loss.backward()  # also for a NaN loss: its gradients say which parameter went bad
     except FloatingPointError as err:  # minires.anomaly.detect_anomaly() named the op
         raise NonFiniteLoss(f"step {step}: {err}; training stopped", step) from None
-    bad = _first_non_finite_grad(model)
+    value, correct, bad = _step_summary(model, loss, logits, y)
     if bad is not None or not math.isfinite(value):
         raise NonFiniteLoss(_non_finite_message(model, value, step, bad), step,
                             bad and bad[0])
@@ -66,24 +65,22 @@ def train_step(model, x, y, optimizer, scheduler=None, step=None):
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    correct = int((logits.data.argmax(axis=1) == y).sum())
     return value, correct, lr
 
 
-def _first_non_finite_grad(model):
-    """(name, shape) of the first parameter whose gradient holds a NaN/inf, else None.
-
-    One host sync for all parameters: the per-parameter flags stay on the device until read.
-    """
+def _step_summary(model, loss, logits, y):
+    """(loss float, correct count, (name, shape) of the first parameter whose gradient holds
+    a NaN/inf or None), read with ONE device-to-host copy: on a GPU the per-step scalars are
+    stacked on the device first, so a step waits for the device once."""
+    xp = backend.array_module(loss.data)
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    if not named:
-        return None
-    xp = backend.array_module(named[0][1].grad)
-    flags = xp.stack([xp.isfinite(p.grad).all() for _, p in named])
-    if bool(flags.all()):
-        return None
-    i = int(backend.to_device(flags, "cpu").argmin())  # first False
-    return named[i][0], tuple(named[i][1].shape)
+    finite = [xp.isfinite(p.grad).all() for _, p in named]
+    correct = (logits.data.argmax(axis=1) == y).sum()
+    host = backend.to_device(xp.stack([xp.asarray(v, dtype=xp.float64) for v in
+                                       [loss.data, correct, *finite]]), "cpu")
+    bad = next((i for i, ok in enumerate(host[2:]) if not ok), None)
+    return (float(host[0]), int(host[1]),
+            None if bad is None else (named[bad][0], tuple(named[bad][1].shape)))
 
 
 def _non_finite_message(model, value, step, bad):
