@@ -113,7 +113,7 @@ def plot(images, maps, labels, args, path):
 
 def main(argv=None):
     """Run from the command line (argv: a list of arguments); returns the results."""
-    p = C.parser("activations", __doc__.split("\n")[0], lr=3e-3, test_limit=2000)
+    p = C.parser("activations", __doc__.split("\n\n")[0], lr=3e-3, test_limit=2000)
     p.add_argument("--model", choices=sorted(BUILD), default="seed")
     p.add_argument("--checkpoint", help="a state_dict (.npz) or a `minires train` checkpoint")
     p.add_argument("--steps", type=int, default=300, help="training steps when no checkpoint")

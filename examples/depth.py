@@ -88,7 +88,7 @@ def plot(rows, curves, args, path):
 
 def main(argv=None):
     """Run from the command line (argv: a list of arguments); returns the results."""
-    p = C.parser("depth", __doc__.split("\n")[0], lr=1e-3, test_limit=2000)
+    p = C.parser("depth", __doc__.split("\n\n")[0], lr=1e-3, test_limit=2000)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16],
                    help="blocks of two convs each (default 2 4 8 16: 5 to 33 conv layers)")
     p.add_argument("--steps", type=int, default=300, help="training steps per net")

@@ -170,7 +170,7 @@ def plot(rows, summaries, args, path):
 
 def main(argv=None):
     """Run from the command line (argv: a list of arguments); returns the results."""
-    p = C.parser("grad_flow", __doc__.split("\n")[0], lr=3e-3)
+    p = C.parser("grad_flow", __doc__.split("\n\n")[0], lr=3e-3)
     p.add_argument("--skip", choices=models.SKIPS, default="residual")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (default 0 1 2); --seed is ignored")

@@ -76,7 +76,7 @@ def plot(rows, path):
 
 def main(argv=None):
     """Run from the command line (argv: a list of arguments); returns the results."""
-    p = C.parser("lesion", __doc__.split("\n")[0], lr=3e-3, test_limit=2000)
+    p = C.parser("lesion", __doc__.split("\n\n")[0], lr=3e-3, test_limit=2000)
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 4, 4],
                    help="ResNet BasicBlocks per stage (default 4 4 4: 12 blocks, 2 projections)")
     p.add_argument("--plain-depth", type=int, default=None,

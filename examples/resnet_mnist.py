@@ -40,7 +40,7 @@ def plot(out, args, test_accuracy):
 
 def main(argv=None):
     """Run from the command line (argv: a list of arguments); returns the results."""
-    p = C.parser("resnet_mnist", __doc__.split("\n")[0], lr=1e-2)
+    p = C.parser("resnet_mnist", __doc__.split("\n\n")[0], lr=1e-2)
     p.add_argument("--depth", type=int, default=14, help="6n + 2 (default 14: 2 blocks per "
                    "stage)")
     p.add_argument("--blocks", type=int, nargs="+", help="blocks per stage (overrides --depth)")
