@@ -161,20 +161,23 @@ def _check_pool(op, x_shape, kernel, stride):
     if min(kernel) < 1 or min(stride) < 1 or kernel[0] > x_shape[2] or kernel[1] > x_shape[3]:
         raise ValueError(f"{op}: kernel {kernel} / stride {stride} invalid for input "
                          f"{tuple(x_shape)}")
-    return kernel, stride
+    out = (x_shape[0], x_shape[1], (x_shape[2] - kernel[0]) // stride[0] + 1,
+           (x_shape[3] - kernel[1]) // stride[1] + 1)
+    return kernel, stride, out
 
 
 def max_pool2d_forward(x, kernel, stride):
     """(y (N, C, OH, OW), argmax int32 tap index i * KW + j of each window's maximum)."""
     _check("max_pool2d_forward", x=x)
-    kernel, stride = _check_pool("max_pool2d_forward", x.shape, kernel, stride)
+    kernel, stride, _ = _check_pool("max_pool2d_forward", x.shape, kernel, stride)
     return backend_for(x).max_pool2d_forward(x, kernel, stride)
 
 
 def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     """Each window's gradient sent to its argmax: gx (N, C, H, W) = x_shape."""
     _check("max_pool2d_backward", gy=gy)
-    kernel, stride = _check_pool("max_pool2d_backward", x_shape, kernel, stride)
+    kernel, stride, y_shape = _check_pool("max_pool2d_backward", x_shape, kernel, stride)
+    _check_gy("max_pool2d_backward", gy, y_shape)  # the kernels index gx through gy's shape
     if gy.shape != argmax.shape:
         raise ValueError(f"max_pool2d_backward: gy shape {tuple(gy.shape)} != argmax shape "
                          f"{tuple(argmax.shape)}")

@@ -330,9 +330,8 @@ def _gpu_rows():
     if not backend.cupy_available():
         reason = "CuPy not installed" if cupy_version is None else "no usable CUDA device"
         return rows + [("gpu", f"none ({reason}); --device cuda unavailable")]
-    cupy = backend.array_module(backend.to_device(np.empty(1, np.float32), "cuda"))
-    runtime = cupy.cuda.runtime.runtimeGetVersion()
     x = backend.to_device(np.empty(1, np.float32), "cuda")
+    runtime = backend.array_module(x).cuda.runtime.runtimeGetVersion()
     return rows + [("gpu", backend.gpu_name()),
                    ("cuda runtime", f"{runtime // 1000}.{runtime % 1000 // 10}"),
                    ("kernels (cuda)", F.kernel_backend(x))]

@@ -103,7 +103,8 @@ def resnet(depth=8, channels=16, blocks=None, num_classes=10, in_channels=1, rng
 def _depth_net(depth, channels, residual, batch_norm, rng, dtype, track_grad_norms):
     """Shared body of plain_net and residual_net (identical convs, same draws from rng)."""
     if int(depth) < 1:
-        raise ValueError(f"depth net: depth must be >= 1 block, got {depth}")
+        raise ValueError(f"{'residual_net' if residual else 'plain_net'}: depth must be >= 1 "
+                         f"block, got {depth}")
     rng, c = as_rng(rng), int(channels)
     stem = nn.Sequential(_conv3x3(1, c, rng, dtype), nn.ReLU(), nn.MaxPool2d(2))
     body = nn.Sequential()

@@ -131,8 +131,8 @@ def train_epoch(model, loader, optimizer, scheduler=None, *, step=0, on_step=Non
             steps, images = steps + 1, images + len(y)
             total_loss, correct = total_loss + loss * len(y), correct + ok
             # the norms this step's backward recorded, if any
-            x_in, x_res = skip.grad_norms[-1] if seen < len(getattr(skip, "grad_norms", ())) \
-                else (None, None)
+            fresh = skip is not None and len(skip.grad_norms) > seen
+            x_in, x_res = skip.grad_norms[-1] if fresh else (None, None)
             if on_step is not None:
                 on_step(dict(step=step + steps, epoch=loader.epoch, loss=loss,
                              accuracy=ok / len(y), lr=lr, x_in=x_in, x_res=x_res))

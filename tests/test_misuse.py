@@ -328,9 +328,11 @@ CATALOGUE = {  # mistake -> (call, exception, message regex)
                                   TypeError, r"conv2d: expected float32 or float64 inputs of "
                                              r"one dtype, got int64, float32"),
     "integer image into max_pool2d": (lambda: F.max_pool2d(_ints(1, 1, 4, 4), 2), TypeError,
-                                      r"max_pool2d: expected float32 or float64 inputs"),
+                                      r"max_pool2d: expected a float32 or float64 input, "
+                                      r"got int64"),
     "integer image into avg_pool2d": (lambda: F.avg_pool2d(_ints(1, 1, 4, 4), 2), TypeError,
-                                      r"avg_pool2d: expected float32 or float64 inputs"),
+                                      r"avg_pool2d: expected a float32 or float64 input, "
+                                      r"got int64"),
     "integer tensors into residual_add": (lambda: F.residual_add(_ints(2, 3), _ints(2, 3)),
                                           TypeError, r"residual_add: expected float32 or "
                                                      r"float64 inputs of one dtype"),

@@ -102,8 +102,9 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = pair("MaxPool2d", "kernel_size", kernel_size)
-        self.stride = self.kernel_size if stride is None else pair("MaxPool2d", "stride", stride)
+        name = type(self).__name__  # AvgPool2d shares this __init__: errors name the real class
+        self.kernel_size = pair(name, "kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else pair(name, "stride", stride)
 
     def forward(self, x):
         return F.max_pool2d(x, self.kernel_size, self.stride)

@@ -7,17 +7,13 @@ import numpy as np
 
 import kernels
 from minires import backend
+from minires.ops.arith import check_float
 from minires.tensor import Function, Tensor
-
-
-def _check_float(op, x):
-    if x.dtype.kind != "f":
-        raise TypeError(f"{op}: expected a float32 or float64 input, got {x.dtype}")
 
 
 class ReLU(Function):
     def forward(self, x):
-        _check_float("relu", x)
+        check_float("relu", x)
         y = kernels.relu_forward(x)
         self.save_for_backward(y)  # the output, not the input: mask is y > 0
         return y
@@ -28,7 +24,7 @@ class ReLU(Function):
 
 class Sigmoid(Function):
     def forward(self, x):
-        _check_float("sigmoid", x)
+        check_float("sigmoid", x)
         # tanh form: stable for large |x| (no overflow in exp)
         y = 0.5 * (self.xp.tanh(0.5 * x) + 1)
         self.save_for_backward(y)
@@ -41,7 +37,7 @@ class Sigmoid(Function):
 
 class Tanh(Function):
     def forward(self, x):
-        _check_float("tanh", x)
+        check_float("tanh", x)
         y = self.xp.tanh(x)
         self.save_for_backward(y)
         return y
@@ -61,7 +57,7 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        _check_float("log_softmax", x)
+        check_float("log_softmax", x)
         y = _log_softmax(self.xp, x, self.axis)
         self.save_for_backward(y)
         return y
@@ -76,7 +72,7 @@ class Softmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        _check_float("softmax", x)
+        check_float("softmax", x)
         y = self.xp.exp(_log_softmax(self.xp, x, self.axis))
         self.save_for_backward(y)
         return y
@@ -94,7 +90,7 @@ class CrossEntropy(Function):
 
     def forward(self, logits):
         labels = self.labels
-        _check_float("cross_entropy", logits)
+        check_float("cross_entropy", logits)
         if logits.ndim != 2 or labels.shape != (logits.shape[0],):
             raise ValueError(f"cross_entropy: expected logits (N, K) and labels (N,), got "
                              f"logits {logits.shape} and labels {labels.shape}")

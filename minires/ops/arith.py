@@ -103,16 +103,24 @@ class Neg(Function):
         return -gy
 
 
-def _check_float(op, x):
-    # exp/log of an integer array would silently become float64 (NumPy's promotion)
-    if x.dtype.kind != "f":
-        raise TypeError(f"{op}: expected a float32 or float64 input, got {x.dtype}; convert "
-                        f"it first (e.g. x.astype(np.float32))")
+def check_float(op, *arrays):
+    """All arrays float32 or float64 and of one dtype, else a TypeError naming the op.
+
+    Integer input would silently become float64 under NumPy's promotion rules.
+    """
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) == 1 and next(iter(dtypes)).kind == "f":
+        return
+    if len(arrays) == 1:
+        raise TypeError(f"{op}: expected a float32 or float64 input, got {arrays[0].dtype}; "
+                        f"convert it first (e.g. x.astype(np.float32))")
+    raise TypeError(f"{op}: expected float32 or float64 inputs of one dtype, got "
+                    f"{', '.join(str(a.dtype) for a in arrays)}")
 
 
 class Exp(Function):
     def forward(self, x):
-        _check_float("exp", x)
+        check_float("exp", x)
         y = self.xp.exp(x)
         self.save_for_backward(y)
         return y
@@ -123,7 +131,7 @@ class Exp(Function):
 
 class Log(Function):
     def forward(self, x):
-        _check_float("log", x)
+        check_float("log", x)
         self.save_for_backward(x)
         return self.xp.log(x)
 

@@ -1,6 +1,6 @@
 """2-D convolution (cross-correlation, PyTorch weight layout) through the Numba kernels.
 
-Imports minires.tensor and kernels.
+Imports minires.tensor, minires.ops.arith (dtype check) and kernels.
 
 Notation used by every conv/pool docstring in minires: N batch size, C input channels,
 O output channels, H W input height and width, KH KW kernel height and width,
@@ -8,6 +8,7 @@ OH = (H + 2*ph - KH) // sh + 1 and OW likewise the output size, (sh, sw) the str
 (ph, pw) the zero padding.
 """
 import kernels
+from minires.ops.arith import check_float
 from minires.tensor import Function
 
 
@@ -20,14 +21,6 @@ def pair(op, name, v):
     raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
 
 
-def check_floats(op, *arrays):
-    """All arrays float32 or float64 and of one dtype, else a TypeError naming the op."""
-    dtypes = {a.dtype for a in arrays}
-    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
-        raise TypeError(f"{op}: expected float32 or float64 inputs of one dtype, got "
-                        f"{', '.join(str(a.dtype) for a in arrays)}")
-
-
 class Conv2d(Function):
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
@@ -36,7 +29,7 @@ class Conv2d(Function):
         if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
             raise ValueError(f"conv2d: expected x (N, C, H, W) and w (O, C, KH, KW) with the "
                              f"same C, got x {x.shape} and w {w.shape}")
-        check_floats("conv2d", *(a for a in (x, w, b) if a is not None))
+        check_float("conv2d", *(a for a in (x, w, b) if a is not None))
         self.save_for_backward(x, w)
         return kernels.conv2d_forward(x, w, b, self.stride, self.padding)
 

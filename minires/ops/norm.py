@@ -1,8 +1,8 @@
 """Batch normalisation over (N, C) or (N, C, H, W) inputs, per channel C.
 
-Imports minires.tensor and minires.ops.conv (dtype check).
+Imports minires.tensor and minires.ops.arith (dtype check).
 """
-from minires.ops.conv import check_floats
+from minires.ops.arith import check_float
 from minires.tensor import Function, Tensor
 
 
@@ -24,7 +24,7 @@ class BatchNorm2d(Function):
             if a is not None and a.shape != (c,):
                 raise ValueError(f"batch_norm: {name} shape {a.shape}, expected ({c},) for "
                                  f"x {x.shape}")
-        check_floats("batch_norm", x, gamma, beta)
+        check_float("batch_norm", x, gamma, beta)
         axes = (0,) if x.ndim == 2 else (0, 2, 3)
         bshape = (1, c) + (1,) * (x.ndim - 2)  # per-channel values broadcast over N, H, W
         if self.training:

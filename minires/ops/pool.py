@@ -4,14 +4,15 @@ Imports minires.tensor, minires.ops.conv (argument helpers) and kernels. Notatio
 minires/ops/conv.py; windows do not pad and the output size is floored, as in PyTorch.
 """
 import kernels
-from minires.ops.conv import check_floats, pair
+from minires.ops.arith import check_float
+from minires.ops.conv import pair
 from minires.tensor import Function
 
 
 def _check_input(op, x, kernel):
     if x.ndim != 4:
         raise ValueError(f"{op}: expected x (N, C, H, W), got shape {x.shape}")
-    check_floats(op, x)
+    check_float(op, x)
     if kernel[0] > x.shape[2] or kernel[1] > x.shape[3]:
         raise ValueError(f"{op}: kernel {kernel} larger than input {x.shape[2:]}")
 
@@ -63,7 +64,7 @@ class GlobalAvgPool2d(Function):
     def forward(self, x):
         if x.ndim != 4:
             raise ValueError(f"global_avg_pool2d: expected x (N, C, H, W), got shape {x.shape}")
-        check_floats("global_avg_pool2d", x)
+        check_float("global_avg_pool2d", x)
         self.x_shape = x.shape
         return x.mean(axis=(2, 3))
 

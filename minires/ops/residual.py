@@ -1,9 +1,9 @@
 """The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward.
 
-Imports minires.tensor and kernels.
+Imports minires.tensor, minires.ops.arith (dtype check) and kernels.
 """
 import kernels
-from minires.ops.conv import check_floats
+from minires.ops.arith import check_float
 from minires.tensor import Function
 
 
@@ -17,7 +17,7 @@ class ResidualAdd(Function):
                              f"has shape {fx.shape}; they must match exactly")
         if alpha is not None and alpha.size != 1:
             raise ValueError(f"residual_add: alpha must be a scalar, got shape {alpha.shape}")
-        check_floats("residual_add", *(a for a in (x, fx, alpha) if a is not None))
+        check_float("residual_add", *(a for a in (x, fx, alpha) if a is not None))
         y = kernels.residual_add_forward(x, fx, alpha, self.relu)
         need_galpha = alpha is not None and self.needs_input_grad[2]
         self.save_for_backward(y if self.relu else None, fx if need_galpha else None, alpha)
