@@ -1,7 +1,7 @@
 """`python -m bench` (kernels): each hot kernel at the seed net's shapes, forward and
 forward+backward, minires (through the kernels dispatch) vs kernels.reference vs PyTorch.
 
-Imports numpy, kernels and bench.common; torch when installed.
+Imports numpy, kernels, minires.backend and bench.common; torch when installed.
 """
 import json
 
@@ -9,6 +9,7 @@ import numpy as np
 
 import kernels
 from kernels import reference
+from minires import backend
 from bench import common
 
 COLUMNS = ["kernel", "shape", "fwd", "fwd ref", "fwd torch", "f+b", "f+b ref", "f+b torch",
@@ -111,7 +112,7 @@ def _pool_case(xp, n, hw, k, rng):
 
 
 def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+    return backend.to_device(a, "cpu")
 
 
 def cases(xp, n, rng):

@@ -181,6 +181,9 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     if gy.shape != argmax.shape:
         raise ValueError(f"max_pool2d_backward: gy shape {tuple(gy.shape)} != argmax shape "
                          f"{tuple(argmax.shape)}")
+    if argmax.dtype.kind not in "iu" or is_device_array(argmax) != is_device_array(gy):
+        raise TypeError(f"max_pool2d_backward: argmax must be an integer array on gy's device, "
+                        f"got {type(argmax).__name__} of {argmax.dtype} (gy: {type(gy).__name__})")
     return backend_for(gy).max_pool2d_backward(gy, argmax, tuple(x_shape), kernel, stride)
 
 

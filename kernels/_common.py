@@ -2,8 +2,6 @@
 
 The only module in kernels/ that imports CuPy, and only when asked. Never imports minires.
 """
-import sys
-
 import numpy as np
 
 
@@ -18,8 +16,3 @@ def array_module(a):
         import cupy  # lazily: only reached when a CuPy array already exists
         return cupy
     return np
-
-
-def cupy_if_loaded():
-    """The cupy module if something already imported it, else None."""
-    return sys.modules.get("cupy")

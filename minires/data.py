@@ -151,9 +151,10 @@ def _fetch(url, dest):
 class DataLoader:
     """Mini-batches of normalised images (B, 1, 28, 28) and int64 labels (B,) on a device.
 
-    Normalises once at construction; each batch crosses to the device once. The shuffle order
-    of epoch e is a pure function of (seed, e), and the position (epoch, next batch) is saved
-    by `state_dict()`, so a resumed loader yields exactly the batches an unbroken run would.
+    Normalises once at construction; each batch (images, labels) is copied to the device
+    once. The shuffle order of epoch e is a pure function of (seed, e), and the position
+    (epoch, next batch) is saved by `state_dict()`, so a resumed loader yields exactly the
+    batches an unbroken run would.
     """
 
     def __init__(self, images, labels, batch_size=64, shuffle=True, seed=0, device="cpu",
