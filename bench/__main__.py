@@ -69,7 +69,7 @@ def _warm_kernels(xp):
 
     import numpy as np
 
-    import kernels
+    from minires import kernels
     t0 = time.perf_counter()
     x = xp.ones((2, 2, 5, 5), dtype=np.float32)
     w = xp.ones((2, 2, 3, 3), dtype=np.float32)

@@ -33,7 +33,7 @@ def setup(device, threads):
     # torch first: its OpenMP runtime then starts with the user's settings, not the passive
     # wait policy kernels.cpu picks for Numba's (see kernels/cpu.py): a fair comparison
     torch = load_torch()
-    import kernels
+    from minires import kernels
     from minires import backend
     if device == "cuda" and not backend.cupy_available():
         raise BenchError("--device cuda: no usable CUDA GPU/CuPy found (install the cuda12 or "
@@ -80,7 +80,7 @@ def blas_info():
 
 def header(device, xp, torch, tdev):
     """The facts a reader needs to compare two runs, as (key, value) pairs."""
-    import kernels
+    from minires import kernels
     numba = sys.modules.get("numba")
     layer = "n/a"
     if numba is not None:

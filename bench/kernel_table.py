@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-import kernels
-from kernels import reference
+from minires import kernels
+from minires.kernels import reference
 from minires import backend
 from bench import common
 

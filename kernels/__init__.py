@@ -13,8 +13,8 @@ import warnings
 
 import numpy as np
 
-from kernels import reference
-from kernels._common import is_device_array
+from . import reference
+from ._common import is_device_array
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _loaded = {}  # "cpu" | "cuda" -> (module, name)
@@ -24,7 +24,7 @@ def _load(kind):
     """Import kernels.cpu or kernels.cuda once; fall back to reference with one warning."""
     if kind not in _loaded:
         try:
-            module = importlib.import_module(f"kernels.{kind}")
+            module = importlib.import_module(f"{__name__}.{kind}")
             _loaded[kind] = (module, "numba-cpu" if kind == "cpu" else "numba-cuda")
         except ImportError as e:
             warnings.warn(f"kernels: Numba {kind.upper()} kernels unavailable ({e}); "

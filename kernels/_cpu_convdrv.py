@@ -9,8 +9,8 @@ import functools
 import numba
 import numpy as np
 
-from kernels import _cpu_conv as cc
-from kernels._cpu_memory import borrowed, launch, outputs
+from . import _cpu_conv as cc
+from ._cpu_memory import borrowed, launch, outputs
 
 _GRID_TARGET = 1536  # direct: stack small images until a block's grid is about this long
 Plan = collections.namedtuple("Plan", "geo offs size length chunks threads")

@@ -10,9 +10,9 @@ import os
 import numba.np.ufunc.parallel as _numba_parallel
 import numpy as np
 
-from kernels import _cpu_convdrv as cd
-from kernels import _cpu_eltwise as ce
-from kernels._cpu_memory import launch, outputs, scratch  # noqa: F401 (pools, for tests)
+from . import _cpu_convdrv as cd
+from . import _cpu_eltwise as ce
+from ._cpu_memory import launch, outputs, scratch  # noqa: F401 (pools, for tests)
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from numba import cuda
 
-from kernels._common import array_module, is_device_array
+from ._common import array_module, is_device_array
 
 try:  # numba-cuda (NVIDIA's target) keeps its own config; numba's built-in target shares numba's
     from numba.cuda.core.config import ENABLE_CUDASIM

@@ -6,7 +6,7 @@ code runs on NumPy and CuPy. Never imports minires.
 Notation: N batch, C input channels, O output channels, H W input size, KH KW kernel size,
 OH OW output size, (sh, sw) stride, (ph, pw) padding.
 """
-from kernels._common import array_module
+from ._common import array_module
 
 
 def _out_size(size, k, s, p):

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
-import kernels
+from minires import kernels
 import minires.ops as F
 from conftest import fwd_tol, tol
-from kernels import reference as ref
+from minires.kernels import reference as ref
 from minires.gradcheck import away_from_kinks, distinct, gradcheck
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,

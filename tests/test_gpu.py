@@ -5,11 +5,11 @@ training run. Skipped unless CuPy sees a GPU (minires.backend.cupy_available()).
 import numpy as np
 import pytest
 
-import kernels
+from minires import kernels
 import minires
 import minires.ops as F
 from conftest import fwd_tol, to_numpy, tol
-from kernels import reference as ref
+from minires.kernels import reference as ref
 from minires import backend
 from minires.gradcheck import away_from_kinks, distinct, gradcheck
 
@@ -33,7 +33,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def kc():
-    from kernels import cuda  # must import on a GPU machine: no skip here
+    from minires.kernels import cuda  # must import on a GPU machine: no skip here
     return cuda
 
 

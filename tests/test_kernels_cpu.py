@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-import kernels
+from minires import kernels
 from conftest import fwd_tol, tol
-from kernels import reference as ref
+from minires.kernels import reference as ref
 
-cpu = pytest.importorskip("kernels.cpu", reason="Numba CPU kernels unavailable")
+cpu = pytest.importorskip("minires.kernels.cpu", reason="Numba CPU kernels unavailable")
 numba = pytest.importorskip("numba")
 
 DTYPES = [np.float32, np.float64]
@@ -292,7 +292,7 @@ def test_fallback_to_reference_warns_once(monkeypatch, rng):
     real_import = importlib.import_module
 
     def no_cpu(name, *args):
-        if name == "kernels.cpu":
+        if name == "minires.kernels.cpu":
             raise ImportError("simulated: no Numba")
         return real_import(name, *args)
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-import kernels
+from minires import kernels
 from conftest import REPO
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -79,7 +79,7 @@ def test_exports_exactly_the_public_kernels():
 
 @pytest.mark.parametrize("simulator", ["0", "1"])
 def test_import_does_not_import_cupy(simulator):
-    code = ("import sys\ntry:\n    import kernels.cuda as kc\nexcept ImportError as e:\n"
+    code = ("import sys\ntry:\n    import minires.kernels.cuda as kc\nexcept ImportError as e:\n"
             "    sys.exit(f'unusable: {e}')\n"
             "assert 'cupy' not in sys.modules, 'cupy imported'\nprint(kc.SIMULATOR)")
     proc = _run(["-c", code], {"NUMBA_ENABLE_CUDASIM": simulator}, timeout=120)
@@ -95,7 +95,7 @@ def kc():
     if SIMULATED:
         pytest.skip("needs the real numba.cuda target, not the simulator")
     try:
-        from kernels import cuda
+        from minires.kernels import cuda
     except ImportError as e:  # no numba.cuda, or no NVVM to compile with
         pytest.skip(f"kernels.cuda unusable here: {e}")
     return cuda

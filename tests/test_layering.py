@@ -6,7 +6,8 @@ import pytest
 
 from conftest import REPO
 
-PACKAGES = ("minires", "kernels")
+PACKAGES = ("minires",)
+FOLDERS = {"minires.kernels": "kernels", "minires": "minires"}  # package -> folder (pyproject)
 
 # Internal layering: module (or package prefix) -> internal modules it may import at module level.
 # A rule for "a.b" covers a.b and a.b.*; the longest matching key wins. Every module may also
@@ -16,10 +17,10 @@ BELOW_TRAIN = ("minires.backend", "minires.tensor", "minires.ops", "minires.grad
                "minires.nn", "minires.models", "minires.optim", "minires.data",
                "minires.checkpoint", "minires.viz", "minires.profile", "minires.anomaly")
 LAYERS = {
-    "kernels": (),
+    "minires.kernels": (),
     "minires.backend": (),
     "minires.tensor": ("minires.backend",),
-    "minires.ops": ("minires.tensor", "minires.backend", "kernels"),
+    "minires.ops": ("minires.tensor", "minires.backend", "minires.kernels"),
     "minires.gradcheck": ("minires.tensor", "minires.backend"),
     "minires.nn": ("minires.ops", "minires.tensor", "minires.backend"),
     "minires.models": ("minires.nn", "minires.ops", "minires.tensor", "minires.backend"),
@@ -52,19 +53,28 @@ MAX_FILE_LINES = 600  # STYLE.md 13: hard cap per file
 
 
 def module_name(path):
-    """Dotted module name of a file under the repo: minires/ops/__init__.py -> minires.ops."""
+    """Dotted module name of a file under the repo: minires/ops/__init__.py -> minires.ops,
+    kernels/cpu.py -> minires.kernels.cpu (installed under minires, see pyproject.toml)."""
     parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    name = ".".join(parts)
+    return "minires." + name if parts[0] == "kernels" else name
+
+
+def _folder(name):
+    """The repo path (without suffix) of a dotted module name: the inverse of module_name."""
+    for package, folder in FOLDERS.items():  # minires.kernels first: the longer prefix
+        if name == package or name.startswith(package + "."):
+            return REPO / folder / name[len(package) + 1:].replace(".", "/")
 
 
 def source_files():
-    return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+    return sorted(p for folder in set(FOLDERS.values()) for p in (REPO / folder).rglob("*.py"))
 
 
 def _is_package(name):
-    return (REPO / name.replace(".", "/") / "__init__.py").exists()
+    return (_folder(name) / "__init__.py").exists()
 
 
 def _resolve_from(node, module, is_pkg):
@@ -80,7 +90,7 @@ def _resolve_from(node, module, is_pkg):
     names = []
     for alias in node.names:
         sub = f"{target}.{alias.name}"
-        exists = _is_package(sub) or (REPO / (sub.replace(".", "/") + ".py")).exists()
+        exists = _is_package(sub) or _folder(sub).with_suffix(".py").exists()
         names.append(sub if exists else target)  # `from minires.tensor import Tensor`
     return names
 
@@ -155,7 +165,7 @@ def test_checker_finds_known_imports():
     assert ("minires.backend", False) in found and ("minires.ops", True) in found
     assert ("minires.ops.arith", False) in {(n, z) for n, _, z in
                                             imports_of(REPO / "minires" / "ops" / "__init__.py")}
-    assert layer_of("minires.ops.conv") == "minires.ops" and layer_of("kernels.cpu") == "kernels"
+    assert layer_of("minires.ops.conv") == "minires.ops" and layer_of("minires.kernels.cpu") == "minires.kernels"
 
 
 def _fake_repo(root, files):

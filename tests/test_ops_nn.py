@@ -5,7 +5,7 @@ import pytest
 
 import minires.ops as F
 from conftest import fwd_tol, to_numpy, tol
-from kernels import reference
+from minires.kernels import reference
 from minires.gradcheck import away_from_kinks, distinct, gradcheck
 from minires.tensor import Tensor
 

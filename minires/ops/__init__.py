@@ -15,7 +15,7 @@ from minires.ops.pool import max_pool2d, avg_pool2d, global_avg_pool2d
 from minires.ops.norm import batch_norm
 from minires.ops.residual import residual_add
 
-import kernels as _kernels
+from minires import kernels as _kernels
 
 # The Functions whose forward/backward run the kernels package (the rest use xp directly).
 KERNEL_OPS = frozenset({"Conv2d", "ReLU", "ResidualAdd", "MaxPool2d"})

@@ -5,7 +5,7 @@ Imports minires.tensor, minires.backend and kernels.
 """
 import numpy as np
 
-import kernels
+from minires import kernels
 from minires import backend
 from minires.ops.arith import check_float
 from minires.tensor import Function, Tensor

@@ -7,7 +7,7 @@ O output channels, H W input height and width, KH KW kernel height and width,
 OH = (H + 2*ph - KH) // sh + 1 and OW likewise the output size, (sh, sw) the stride and
 (ph, pw) the zero padding.
 """
-import kernels
+from minires import kernels
 from minires.ops.arith import check_float
 from minires.tensor import Function
 

@@ -3,7 +3,7 @@
 Imports minires.tensor, minires.ops.conv (argument helpers) and kernels. Notation as in
 minires/ops/conv.py; windows do not pad and the output size is floored, as in PyTorch.
 """
-import kernels
+from minires import kernels
 from minires.ops.arith import check_float
 from minires.ops.conv import pair
 from minires.tensor import Function

@@ -2,7 +2,7 @@
 
 Imports minires.tensor, minires.ops.arith (dtype check) and kernels.
 """
-import kernels
+from minires import kernels
 from minires.ops.arith import check_float
 from minires.tensor import Function
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import fwd_tol
-from kernels import reference as ref
+from minires.kernels import reference as ref
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
     pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (tests/test_kernels_cuda.py runs it that way)",
@@ -33,7 +33,7 @@ POOLS = [((2, 3, 6, 5), (2, 2), (2, 2)), ((2, 3, 6, 5), (3, 2), (1, 2)),
 def kc():
     """kernels.cuda in simulator mode, with quicker thread switching for its many threads."""
     pytest.importorskip("numba.cuda", reason="numba.cuda (numba-cuda) not installed")
-    from kernels import cuda
+    from minires.kernels import cuda
     assert cuda.SIMULATOR, "NUMBA_ENABLE_CUDASIM=1 is set but numba.cuda is not simulating"
     # The simulator's block manager polls its threads; with the default 5 ms GIL switch
     # interval a block with syncthreads takes ~0.1 s. 0.1 ms makes the suite ~10x quicker.

@@ -1,0 +1,38 @@
+"""The built wheel installs one top-level import name, minires (kernels/ goes in as
+minires.kernels: a top-level `kernels` would clash with Hugging Face's package of that name)."""
+import importlib.util
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import REPO
+
+
+def _build_wheel(out):
+    """Build minires's wheel into `out`; without build isolation when setuptools is here."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out)]
+    if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
+        cmd.append("--no-build-isolation")
+    proc = subprocess.run(cmd + [str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = out.glob("minires-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory):
+    with zipfile.ZipFile(_build_wheel(tmp_path_factory.mktemp("wheel"))) as z:
+        return z.namelist()
+
+
+def test_wheel_has_one_top_level_import_name(wheel_names):
+    tops = {n.split("/")[0] for n in wheel_names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"minires"}
+
+
+def test_wheel_carries_the_kernels_under_minires(wheel_names):
+    for module in ("__init__.py", "reference.py", "cuda.py"):
+        assert f"minires/kernels/{module}" in wheel_names
+    assert not any(n.startswith("kernels/") for n in wheel_names)
