@@ -1,12 +1,11 @@
 """Shared bench plumbing: the device and thread setup, the run header, timing, table/JSON rows.
 
-Imports numpy, kernels and minires; torch, threadpoolctl and cupy only when present.
+Imports numpy and minires (runtime facts: minires.runtime); torch and cupy only when present.
 """
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -28,34 +27,26 @@ def load_torch():
 def setup(device, threads):
     """Check the device, fix the thread counts; return (xp, torch or None, torch device).
 
-    threads applies to Numba, BLAS (through threadpoolctl when installed) and PyTorch.
+    threads applies to Numba, BLAS and PyTorch (minires.runtime.set_threads and torch's own).
     """
     # torch first: its OpenMP runtime then starts with the user's settings, not the passive
-    # wait policy kernels.cpu picks for Numba's (see kernels/cpu.py): a fair comparison
+    # wait policy chosen next for Numba's (see minires.runtime): a fair comparison
     torch = load_torch()
-    from minires import kernels
-    from minires import backend
+    from minires import backend, runtime
+    runtime.prefer_passive_openmp()  # before any kernel starts Numba's pool
     if device == "cuda" and not backend.cupy_available():
         raise BenchError("--device cuda: no usable CUDA GPU/CuPy found (install the cuda12 or "
                          "cuda13 extra on a machine with an NVIDIA GPU), or use --device cpu")
-    kernels.backend_name(np.empty(1, np.float32))  # imports kernels.cpu (and Numba) now
-    numba = sys.modules.get("numba")
     if threads is not None:
         if threads < 1:
             raise BenchError(f"--threads must be >= 1, got {threads}")
-        if numba is not None:
-            try:
-                numba.set_num_threads(threads)
-            except ValueError as err:
-                raise BenchError(f"--threads {threads}: {err}") from None
         try:
-            import threadpoolctl
-            threadpoolctl.threadpool_limits(threads)
-        except ImportError:
-            pass
+            runtime.set_threads(threads)
+        except ValueError as err:
+            raise BenchError(f"--threads {threads}: {err}") from None
     tdev = None
     if torch is not None:
-        torch.set_num_threads(threads or (numba.get_num_threads() if numba else 1))
+        torch.set_num_threads(threads or runtime.numba_threads() or 1)
         if device == "cuda":
             tdev = torch.device("cuda") if torch.cuda.is_available() else None
         else:
@@ -68,32 +59,22 @@ def setup(device, threads):
 
 
 def blas_info():
-    """'openblas Haswell, 2 threads' from threadpoolctl, or a hint when it is missing."""
-    try:
-        import threadpoolctl
-    except ImportError:
-        return "unknown (install threadpoolctl)"
-    libs = [f"{p.get('internal_api')} {p.get('architecture', '?')}, {p.get('num_threads')} "
-            f"threads" for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
-    return "; ".join(libs) or "none loaded"
+    """The BLAS in use and its threads, e.g. 'openblas 0.3.27 (SkylakeX, 2 threads)'."""
+    from minires import runtime
+    return runtime.blas()
 
 
 def header(device, xp, torch, tdev):
     """The facts a reader needs to compare two runs, as (key, value) pairs."""
-    from minires import kernels
-    numba = sys.modules.get("numba")
-    layer = "n/a"
-    if numba is not None:
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # no parallel kernel has run yet
-            layer = f"not started (configured: {numba.config.THREADING_LAYER})"
+    from minires import kernels, runtime
     sample = xp.empty(1, dtype=np.float32)
     rows = [("machine", f"{platform.machine()}, {os.cpu_count()} logical CPUs"),
+            ("cpu", f"{runtime.cpu_name()}, {runtime.vector_isa()}"),
             ("device", device if device == "cpu" else _gpu_name()),
             ("kernels", kernels.backend_name(sample)),
-            ("threads", str(numba.get_num_threads()) if numba else "1"),
-            ("numba threading layer", layer),
+            ("threads", str(runtime.numba_threads() or 1)),
+            ("numba threading layer", runtime.threading_layer()),
+            ("openmp wait policy", runtime.wait_policy()),
             ("BLAS", blas_info()),
             ("OPENBLAS_CORETYPE", os.environ.get("OPENBLAS_CORETYPE", "(unset)")),
             ("torch", "not installed" if torch is None else

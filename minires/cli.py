@@ -4,7 +4,6 @@ code (0 ok, 1 failed run, 2 usage error). Imports the train/cli layer and everyt
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import pathlib
 import platform
 import sys
@@ -14,9 +13,8 @@ import numpy as np
 
 import minires
 import minires.ops as F
-from minires import anomaly, backend, checkpoint, checks, data, models, optim, train
+from minires import anomaly, backend, checkpoint, checks, data, models, optim, runtime, train
 from minires.profile import profile_steps
-from minires.tensor import Tensor
 
 MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip connection
     "seed": lambda seed: models.seed_net(skip="residual", rng=seed, track_grad_norms=True),
@@ -80,6 +78,7 @@ def main(argv=None):
     """Run the `minires` command line; returns the process exit code."""
     args = _parser().parse_args(argv)
     command = {"train": cmd_train, "info": cmd_info, "gradcheck": cmd_gradcheck}[args.command]
+    runtime.prefer_passive_openmp()  # before any kernel starts Numba's pool (see runtime)
     try:
         return command(args)
     except UsageError as err:
@@ -232,7 +231,7 @@ def _out_dir(args):
 def _print_header(run, model, device, n_images, out):
     n_params = sum(p.size for p in model.parameters())
     kernels = F.kernel_backend(backend.to_device(np.empty(1, np.float32), device))
-    threads = _numba_threads()
+    threads = runtime.numba_threads()
     print(f"minires train: model {run['model']} ({n_params:,} parameters), {run['optimizer']} "
           f"lr {run['lr']:g}, schedule {run['schedule']}, batch {run['batch_size']}, "
           f"{run['epochs']} epoch(s) of {n_images:,} images, seed {run['seed']}, device "
@@ -242,36 +241,19 @@ def _print_header(run, model, device, n_images, out):
 
 @contextlib.contextmanager
 def _threads(n):
-    """Numba's and (if threadpoolctl is installed) BLAS's pools limited to n threads inside
-    the block; None leaves them alone. The previous counts come back afterwards."""
-    if not n:
-        yield
-        return
-    F.kernel_backend(np.empty(1, np.float32))  # loads the CPU kernels, hence Numba
-    numba = sys.modules.get("numba")  # the Numba the kernels loaded (minires never imports it)
-    before = numba.get_num_threads() if numba is not None else None
+    """Numba's and BLAS's pools limited to n threads inside the block (runtime.set_threads);
+    None leaves them alone. A count the pools refuse is a usage error."""
+    if n is not None and n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
     try:
-        if numba is not None:
-            numba.set_num_threads(n)
-    except ValueError as err:
+        restore = runtime.set_threads(n) if n is not None else None
+    except ValueError as err:  # more than Numba's pool holds
         raise UsageError(f"--threads {n}: {err}") from None
-    try:
-        import threadpoolctl  # optional: not a dependency of minires
-        blas = threadpoolctl.threadpool_limits(n)
-    except ImportError:
-        blas = None
     try:
         yield
     finally:
-        if blas is not None:
-            blas.restore_original_limits()
-        if before is not None:
-            numba.set_num_threads(before)
-
-
-def _numba_threads():
-    numba = sys.modules.get("numba")  # the Numba the kernels loaded (minires never imports it)
-    return numba.get_num_threads() if numba is not None else None
+        if restore is not None:
+            restore()
 
 
 # --- info ---------------------------------------------------------------------------------
@@ -282,59 +264,16 @@ def cmd_info(args):
     return 0
 
 
-def _version(*dists):
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return None
-
-
 def info_rows():
     """(label, value) pairs describing this installation; never fails for a missing GPU."""
     rows = [("minires", minires.__version__), ("python", platform.python_version()),
-            ("numpy", np.__version__), ("numba", _version("numba") or "not installed"),
+            ("numpy", np.__version__), ("numba", runtime.version("numba") or "not installed"),
             ("kernels (cpu)", F.kernel_backend(np.empty(1, np.float32)))]
-    numba = sys.modules.get("numba")
-    if numba is not None:
-        # The threading layer is chosen when the first parallel kernel runs: run a tiny conv.
-        x = Tensor(np.zeros((1, 1, 4, 4), np.float32))
-        F.conv2d(x, Tensor(np.zeros((1, 1, 3, 3), np.float32)), None, 1, 1)
-        try:
-            layer = numba.threading_layer()
-        except ValueError:
-            layer = "none started"
-        rows += [("numba threading layer", layer),
-                 ("numba threads", f"{numba.get_num_threads()} of "
-                                   f"{numba.config.NUMBA_NUM_THREADS}")]
-    rows.append(("blas", _blas()))
-    return rows + _gpu_rows()
-
-
-def _blas():
-    try:
-        import threadpoolctl  # optional: not a dependency of minires
-    except ImportError:
-        return "(install threadpoolctl to see the BLAS library)"
-    pools = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, "
-             f"{p.get('num_threads')} threads)" for p in threadpoolctl.threadpool_info()
-             if p.get("user_api") == "blas"]
-    return "; ".join(pools) or "unknown"
-
-
-def _gpu_rows():
-    cupy_version = _version("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")
-    rows = [("cupy", cupy_version or "not installed"),
-            ("numba-cuda", _version("numba-cuda") or "not installed")]
-    if not backend.cupy_available():
-        reason = "CuPy not installed" if cupy_version is None else "no usable CUDA device"
-        return rows + [("gpu", f"none ({reason}); --device cuda unavailable")]
-    x = backend.to_device(np.empty(1, np.float32), "cuda")
-    runtime = backend.array_module(x).cuda.runtime.runtimeGetVersion()
-    return rows + [("gpu", backend.gpu_name()),
-                   ("cuda runtime", f"{runtime // 1000}.{runtime % 1000 // 10}"),
-                   ("kernels (cuda)", F.kernel_backend(x))]
+    rows += runtime.cpu_rows() + runtime.gpu_rows()
+    if backend.cupy_available():
+        rows.append(("kernels (cuda)",
+                     F.kernel_backend(backend.to_device(np.empty(1, np.float32), "cuda"))))
+    return rows
 
 
 # --- gradcheck ----------------------------------------------------------------------------

@@ -17,6 +17,10 @@ def test_info(capsys):
     assert "gpu" in rows and "cupy" in rows
     if rows["kernels (cpu)"] == "numba-cpu":
         assert rows["numba threading layer"] in ("omp", "tbb", "workqueue")
+    assert rows["vector isa"] in ("AVX-512", "AVX2", "AVX", "SSE4.2", "SVE", "NEON", "unknown")
+    assert "(set by minires)" in rows["openmp wait policy"] or \
+        "(from the environment)" in rows["openmp wait policy"]
+    assert "threads)" in rows["blas"] and "install" not in rows["blas"]
 
 
 def test_gradcheck_every_case_passes(capsys):

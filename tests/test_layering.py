@@ -30,10 +30,12 @@ LAYERS = {
     "minires.viz": ("minires.tensor", "minires.backend"),  # graphs read duck-typed
     "minires.profile": ("minires.ops", "minires.tensor", "minires.backend"),  # observer hook
     "minires.anomaly": ("minires.tensor", "minires.backend"),  # observer hook: NaN/inf finder
+    "minires.runtime": ("minires.backend",),  # threads, wait policy, BLAS, CPU, GPU facts
     "minires.train": BELOW_TRAIN,
     "minires.checks": BELOW_TRAIN,  # the cases `minires gradcheck` runs
     # the top: cli may also read the facade (e.g. minires.__version__)
-    "minires.cli": BELOW_TRAIN + ("minires.train", "minires.checks", "minires"),
+    "minires.cli": BELOW_TRAIN + ("minires.train", "minires.checks", "minires.runtime",
+                                  "minires"),
     "minires.__main__": ("minires.cli",),
     "minires": BELOW_TRAIN + ("minires.train",),  # the package facade (minires/__init__.py)
 }
@@ -46,7 +48,7 @@ LAZY = {
 RESTRICTED = {
     "cupy": ("minires/backend.py", "kernels/_common.py"),
     "numba.cuda": ("kernels/cuda.py",),
-    "numba": ("kernels/*", "minires/cli.py"),  # cli: `minires info` prints the threading layer
+    "numba": ("kernels/*", "minires/runtime.py"),  # runtime: thread pools, threading layer
     "torch": (),  # bench/ may compare against PyTorch; the engine never imports it
 }
 MAX_FILE_LINES = 600  # STYLE.md 13: hard cap per file
