@@ -171,8 +171,8 @@ def split(request, monkeypatch):
     """Elementwise and pooling kernels on the calling thread, or (thresholds lowered) split
     over threads."""
     if request.param:
-        monkeypatch.setattr(cpu, "_SPLIT_MIN", 64)
-        monkeypatch.setattr(cpu, "_POOL_PARALLEL_MIN", 64)
+        monkeypatch.setattr(cpu.elementwise, "_SPLIT_MIN", 64)
+        monkeypatch.setattr(cpu.pooling, "_POOL_PARALLEL_MIN", 64)
     return request.param
 
 

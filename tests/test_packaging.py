@@ -32,7 +32,12 @@ def test_wheel_has_one_top_level_import_name(wheel_names):
     assert tops == {"minires"}
 
 
-def test_wheel_carries_the_kernels_under_minires(wheel_names):
-    for module in ("__init__.py", "reference.py", "cuda.py"):
-        assert f"minires/kernels/{module}" in wheel_names
+def test_wheel_carries_every_module_under_minires(wheel_names):
+    """Every .py file of minires/ and kernels/ is in the wheel (kernels/ as minires/kernels/):
+    a subpackage missing from pyproject's package list would be left out silently."""
+    expected = {p.relative_to(REPO).as_posix() for p in (REPO / "minires").rglob("*.py")}
+    expected |= {"minires/" + p.relative_to(REPO).as_posix()
+                 for p in (REPO / "kernels").rglob("*.py")}
+    missing = sorted(expected - set(wheel_names))
+    assert not missing, f"not in the wheel: {missing}"
     assert not any(n.startswith("kernels/") for n in wheel_names)

@@ -1,10 +1,10 @@
-"""Numba @njit convolution kernels on a flat "grid" layout; kernels/cpu.py prepares the inputs.
+"""Numba @njit convolution loops on a flat "grid" layout; kernels/cpu/conv.py prepares the inputs.
 
 Imports numba only. Images are copied into a zero-padded per-thread buffer (split into stride
 phases), so every kernel tap is one long contiguous loop over the output grid.
 
 Layout: geo is an int64 array (top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow,
-img, nb) built by kernels/_cpu_convdrv.py. Source pixel (h, w) of image b of a block lands at
+img, nb) built by kernels/cpu/conv.py. Source pixel (h, w) of image b of a block lands at
 padded row r = top + h*dh, column q = left + w*dw (dropped outside [0, hp) x [0, wp)), in
 phase plane (r % psh) * psw + q % psw at flat position
 b*img + plane_index*plane + (r // psh)*wq + q // psw. Tap t reads offset offs[t] from the grid

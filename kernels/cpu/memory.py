@@ -1,6 +1,7 @@
-"""Memory reuse for kernels/cpu.py: a scratch pool and a recycler for big output arrays.
+"""Memory and threads for the CPU kernels: a scratch pool, a recycler for big output arrays,
+the launch lock and the thread count every parallel kernel is given.
 
-Imports numpy only. Page faults are expensive on small VMs (PERF.md): a freshly allocated
+Imports numpy and numba. Page faults are expensive on small VMs (PERF.md): a freshly allocated
 3 MB array costs ~800 minor faults (1-3 ms) on first touch, more than the kernel that fills it.
 """
 import collections
@@ -9,6 +10,7 @@ import math
 import sys
 import threading
 
+import numba
 import numpy as np
 
 
@@ -125,6 +127,17 @@ outputs = Recycler()  # big output arrays, reused once nobody references them
 # Numba's workqueue threading layer aborts the process when two Python threads launch
 # parallel kernels at once; one lock makes every layer safe (the cores are shared anyway).
 _launch_lock = threading.Lock()
+
+
+def flat(a):
+    """a as a flat C-contiguous array (a view when it already is contiguous)."""
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def threads():
+    """Numba's thread count, passed into every parallel kernel (calling
+    numba.get_num_threads() inside a kernel would make it uncacheable)."""
+    return numba.get_num_threads()
 
 
 def launch(kernel, *args):

@@ -1,0 +1,22 @@
+"""Numba CUDA kernels for conv2d, relu, residual_add and max_pool2d: kernels.cpu's names and
+kernels/reference.py's semantics. CuPy arrays in and out, no copies, on CuPy's current stream;
+NumPy arrays only under the simulator (NUMBA_ENABLE_CUDASIM=1). Reductions are fixed trees
+(no atomics): deterministic.
+
+One module per family (conv, elementwise, pooling); _device holds the shared device helpers
+and the launch plumbing.
+"""
+from . import conv, elementwise, pooling
+from ._device import SIMULATOR  # noqa: F401 (tests and callers read it)
+from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from .elementwise import (relu_backward, relu_forward, residual_add_backward,
+                          residual_add_forward)
+from .pooling import max_pool2d_backward, max_pool2d_forward
+
+__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+           "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
+           "max_pool2d_forward", "max_pool2d_backward"]
+
+# every @cuda.jit kernel, for the PTX compile tests
+KERNELS = tuple(getattr(m, name) for m in (conv, elementwise, pooling)
+                for name in sorted(vars(m)) if name.endswith("_kernel"))
