@@ -4,6 +4,7 @@ code (0 ok, 1 failed run, 2 usage error). Imports the train/cli layer and everyt
 import argparse
 import contextlib
 import datetime
+import math
 import pathlib
 import platform
 import sys
@@ -58,10 +59,12 @@ def _parser():
                    "checkpoint's folder)")
     t.add_argument("--resume", help="checkpoint.npz to continue from (bit-identically)")
     t.add_argument("--seed", type=int, help="seed of weights and shuffling (default 0)")
-    t.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS")
-    t.add_argument("--limit", type=int, help="use only the first N train and test images")
+    t.add_argument("--threads", type=int, help="CPU threads for Numba and BLAS, >= 1 "
+                   "(default: Numba's, one per core)")
+    t.add_argument("--limit", type=int, metavar="N", help="use only the first N train and "
+                   "test images (default 0: all of them)")
     t.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
-                   help="also checkpoint every N steps (default 500; 0: epoch ends only)")
+                   help="also checkpoint every N steps (default 500; 0: at epoch ends only)")
     t.add_argument("--detect-anomaly", action="store_true", help="check every op's output "
                    "and gradients for NaN/inf and name the first op that produced one (slower)")
     t.add_argument("--profile", type=int, metavar="N", help="profile N training steps (after "
@@ -102,9 +105,19 @@ def cmd_train(args):
     an output file cannot be written (each reported in one line)."""
     wall = time.perf_counter()
     device = _check_device(args.device)
+    _check_flags(args)
     run = _run_settings(args)
     with _threads(args.threads):
         return _train(args, device, run, wall)
+
+
+def _check_flags(args):
+    """Usage errors for the flags that do not define the run (those are _check_settings')."""
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 (0: at epoch ends only), got "
+                         f"{args.checkpoint_every}")
+    if args.profile is not None and args.profile < 1:
+        raise UsageError(f"--profile must be >= 1, got {args.profile}")
 
 
 def _train(args, device, run, wall):
@@ -150,8 +163,6 @@ def _train(args, device, run, wall):
 
 def _profile(args, model, loader, optimizer, scheduler, device, out, run):
     """`--profile N`: N profiled training steps (no checkpoint, no metrics), then exit 0."""
-    if args.profile < 1:
-        raise UsageError(f"--profile must be >= 1, got {args.profile}")
     if args.resume:
         train.restore(args.resume, model, optimizer, scheduler, loader, run)
     model.train()
@@ -186,9 +197,20 @@ def _run_settings(args):
                              f"that run")
     run = {k: given[k] if given[k] is not None else saved.get(k, DEFAULTS[k]) for k in RUN_KEYS}
     run["lr"] = run["lr"] if run["lr"] is not None else DEFAULT_LR[run["optimizer"]]
-    if run["epochs"] < 1 or run["batch_size"] < 1 or run["limit"] < 0 or run["lr"] <= 0:
-        raise UsageError("--epochs, --batch-size and --lr must be positive, --limit >= 0")
+    _check_settings(run)
     return run
+
+
+def _check_settings(run):
+    """One usage error naming the first flag whose value cannot define a run."""
+    for key in ("epochs", "batch_size"):
+        if run[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {run[key]}")
+    if not (math.isfinite(run["lr"]) and run["lr"] > 0):  # also refuses nan and inf
+        raise UsageError(f"--lr must be positive and finite, got {run['lr']:g}")
+    for key in ("limit", "seed"):
+        if run[key] < 0:
+            raise UsageError(f"--{key} must be >= 0, got {run[key]}")
 
 
 def _saved_settings(path):

@@ -116,3 +116,45 @@ def test_usage_errors(capsys):
     assert info.value.code == 2
     assert cli.main(["train", "--epochs", "0", "--limit", "10"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+BAD_FLAGS = {  # argv after `train` -> the one-line error (exit code 2, before any data loads)
+    "lr nan": (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+    "lr inf": (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    "lr negative": (["--lr", "-0.1"], "--lr must be positive and finite, got -0.1"),
+    "threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
+    "threads beyond the pool": (["--threads", "4096"], "--threads 4096: The number of "
+                                                       "threads must be between 1 and"),
+    "checkpoint-every negative": (["--checkpoint-every", "-2"], "--checkpoint-every must be "
+                                                                 ">= 0 (0: at epoch ends only), "
+                                                                 "got -2"),
+    "limit negative": (["--limit", "-5"], "--limit must be >= 0, got -5"),
+    "seed negative": (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    "epochs 0": (["--epochs", "0"], "--epochs must be positive, got 0"),
+    "batch-size 0": (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    "profile 0": (["--profile", "0"], "--profile must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flag_value_is_a_one_line_usage_error(case, tmp_path, capsys):
+    argv, message = BAD_FLAGS[case]
+    assert cli.main(["train", "--data", str(tmp_path / "none"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minires train: error: {message}"), err
+
+
+def test_gradcheck_threads_0_is_a_usage_error(capsys):
+    assert cli.main(["gradcheck", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("minires gradcheck: error: --threads must be "
+                                               ">= 1, got 0")
+
+
+def test_help_states_what_zero_means(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--limit N use only the first N train and test images (default 0: all of them)" \
+        in text
+    assert "(default 500; 0: at epoch ends only)" in text and "--threads THREADS CPU " \
+        "threads for Numba and BLAS, >= 1" in text
