@@ -116,7 +116,7 @@ def _host(a):
 
 
 def cases(xp, n, rng):
-    """The kernels of the seed net at batch n (DESIGN.md section 5)."""
+    """The kernels of the seed net at batch n (minires.models.seed_net)."""
     return [_conv_case(xp, n, 1, 16, 28, rng), _conv_case(xp, n, 16, 16, 28, rng),
             _conv_case(xp, n, 16, 16, 7, rng),
             _relu_case(xp, n, 28, rng), _relu_case(xp, n, 7, rng),

@@ -29,7 +29,7 @@ def _conv3x3(c_in, c_out, rng, dtype, stride=1, bias=True):
 
 
 def seed_net(channels=16, skip="residual", rng=0, dtype=np.float32, track_grad_norms=False):
-    """The seed network of DESIGN.md section 5, for MNIST x (N, 1, 28, 28) -> logits (N, 10).
+    """The seed network, for MNIST x (N, 1, 28, 28) -> logits (N, 10).
 
     conv3x3(1->c) ReLU, conv3x3(c->c) ReLU, conv3x3(c->c) ReLU, maxpool 4 (28->7); the block
     [conv3x3 ReLU conv3x3 ReLU] with y = block(x) + x (skip="residual"), y = x + alpha*block(x)

@@ -1,4 +1,4 @@
-"""The autograd contract (DESIGN.md section 2): backward engine, graph lifetime, hooks, grad mode,
+"""The autograd contract (docs/design.md section 3): backward engine, graph lifetime, hooks, grad mode,
 devices, dtype rules and the Tensor surface, checked against closed forms."""
 import asyncio
 import gc
@@ -11,7 +11,7 @@ import pytest
 import minires as mr
 import minires.ops as F
 from minires import backend
-from minires.tensor import Function
+from minires.tensor import Function, graph_order
 
 from conftest import tol
 
@@ -108,6 +108,27 @@ def test_graph_is_freed_after_backward():
     y.backward()
     assert all(p() is None for p in probes)  # by refcounting alone (no cycles, no gc.collect)
     close(x.grad, 2 * np.exp(2 * x.data))
+
+
+def test_backward_releases_every_array_an_op_saved():
+    """Dropout's mask, CrossEntropy's labels, pool indices, ReLU's output: every array an op
+    keeps for backward is in `saved`, so backward drops it even while a Function lives on (the
+    loss keeps its creator). Leaves' data (conv's x and w) belong to the caller."""
+    rng = np.random.default_rng(0)
+    x, w = leaf(rng.standard_normal((2, 1, 4, 4))), leaf(rng.standard_normal((3, 1, 3, 3)))
+    h = F.dropout(F.flatten(F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)), 0.5, rng=0)
+    loss = F.cross_entropy(F.linear(h, leaf(rng.standard_normal((4, 12)))), [0, 3])
+    del h
+    functions = [t.creator for t in graph_order(loss) if t.creator is not None]
+    kept = [a for f in functions for a in (*f.saved, *vars(f).values())
+            if isinstance(a, np.ndarray) and a is not x.data and a is not w.data]
+    keepers = {type(f).__name__ for f in functions if any(a is k for a in f.saved for k in kept)}
+    assert keepers == {"ReLU", "MaxPool2d", "Dropout", "Linear", "CrossEntropy"}
+    probes = [weakref.ref(a) for a in kept]
+    del kept
+    loss.backward()
+    assert loss.creator is functions[-1] and all(f.saved == () for f in functions)
+    assert [p for p in probes if p() is not None] == []
 
 
 def test_second_backward_through_freed_graph_raises():
