@@ -1,6 +1,6 @@
 """Per-op profiler: wall time of every Function's forward and backward, backend, output bytes.
 
-Imports minires.tensor (the observer hook), minires.backend and minires.ops (kernel names).
+Imports minires.tensor (observer hook), minires.backend and minires.ops (kernel backend names).
 """
 import collections
 import contextlib
@@ -22,7 +22,7 @@ Event.__doc__ = ("One Function call: name (class), phase ('forward' | 'backward'
 
 def _array_backend(f, array):
     """'numba-cpu' / 'numba-cuda' / 'reference' for kernel ops, else 'numpy' / 'cupy'."""
-    if type(f).__name__ in ops.KERNEL_OPS:
+    if f.uses_kernels:
         return ops.kernel_backend(array)
     return "cupy" if backend.is_cupy_array(array) else "numpy"
 

@@ -137,12 +137,11 @@ class Tensor:
             raise RuntimeError("backward: tensor does not require grad and has no graph")
         gy = self._initial_grad(gy)
         grads = {id(self): gy}  # pending gradients of non-processed tensors, keyed by identity
-        order = _topological_order(self)
-        order.reverse()
+        order = list(graph_order(self))  # inputs first: popping from the end starts at self
         while order:
             t = order.pop()  # popping drops our reference, so processed tensors can be freed
             g = grads.pop(id(t), None)
-            if g is None:
+            if g is None:  # a constant, or a tensor no gradient reached
                 continue
             for hook in t._hooks:
                 replaced = hook(g)
@@ -222,6 +221,7 @@ class Function:
     inputs = ()
     saved = ()
     freed = False
+    uses_kernels = False  # True on ops that run minires.kernels (the profiler names the backend)
 
     def __call__(self, *inputs):
         tensors = _as_tensors(inputs, type(self).__name__)
@@ -277,16 +277,20 @@ def _as_tensors(inputs, op_name):
     return tensors
 
 
-def _topological_order(root):
-    """Tensors reachable from root that need gradients, root first (iterative DFS).
+_FREED = ("backward: the graph through {op} was already freed by an earlier backward; pass "
+          "retain_graph=True to the first backward to keep it")
 
-    Parents are visited in input order, so the order is the same on every run.
-    """
-    order, visited, stack = [], set(), [(root, False)]
+
+def graph_order(root, freed_message=_FREED):
+    """Yield every Tensor of the graph that made `root` (leaves and constants too), each after
+    its creator's inputs, `root` last. Iterative post-order DFS over inputs in input order: the
+    same order on every run, no recursion limit. Shared by backward and minires.viz; a Function
+    freed by backward raises RuntimeError(freed_message.format(op=its class name))."""
+    visited, stack = set(), [(root, False)]
     while stack:
         t, expanded = stack.pop()
         if expanded:
-            order.append(t)
+            yield t
             continue
         if id(t) in visited:
             continue
@@ -295,13 +299,8 @@ def _topological_order(root):
         f = t.creator
         if f is not None:
             if f.freed:
-                raise RuntimeError(
-                    f"backward: the graph through {type(f).__name__} was already freed by an "
-                    f"earlier backward; pass retain_graph=True to the first backward to keep it")
-            stack.extend((x, False) for x in reversed(f.inputs)
-                         if x.requires_grad and id(x) not in visited)
-    order.reverse()
-    return order
+                raise RuntimeError(freed_message.format(op=type(f).__name__))
+            stack.extend((x, False) for x in reversed(f.inputs) if id(x) not in visited)
 
 
 def _accumulate_leaf(t, g):

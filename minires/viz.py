@@ -11,7 +11,7 @@ import warnings
 import weakref
 
 from minires import backend
-from minires.tensor import Parameter, Tensor
+from minires.tensor import Parameter, Tensor, graph_order
 
 _FUNCTION_STYLE = 'shape=box, style="rounded,filled", fillcolor="#dddddd"'
 _TENSOR_STYLE = 'shape=box, style=filled, fillcolor="#ffffff"'
@@ -21,39 +21,22 @@ _OUTPUT_STYLE = 'shape=box, style=filled, fillcolor="#ffd54f", penwidth=2'
 
 
 # --- walking the graph --------------------------------------------------------------------
+_FREED = ("viz: the graph through {op} was freed by backward; draw before backward or pass "
+          "retain_graph=True")
+
+
 def walk(root):
     """(functions, tensors, output) of the graph that produced `root`, in execution order.
 
-    functions: every Function reachable through `creator` / `Function.inputs`, each after the
-    Functions that produced its inputs (inputs visited in order, so the order is deterministic).
-    tensors: every Tensor (leaves included), in first-seen order, root last.
-    output: {id(function): the Tensor it produced}.
+    tensors: every Tensor (leaves included) in minires.tensor.graph_order, root last.
+    functions: their creators in the same order, each after the Functions that produced its
+    inputs. output: {id(function): the Tensor it produced}.
     """
     if not isinstance(root, Tensor):
         raise TypeError(f"viz: expected a Tensor whose graph to show, got {type(root).__name__}")
-    functions, tensors, output = [], [], {}
-    seen = set()
-    stack = [(root, False)]
-    while stack:  # iterative post-order DFS: a 10,000-op chain does not hit the recursion limit
-        t, expanded = stack.pop()
-        f = t.creator
-        if expanded:
-            functions.append(f)
-            tensors.append(t)
-            continue
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        if f is None:
-            tensors.append(t)
-            continue
-        if f.freed:
-            raise RuntimeError(f"viz: the graph through {type(f).__name__} was freed by "
-                               f"backward; draw before backward or pass retain_graph=True")
-        output[id(f)] = t
-        stack.append((t, True))
-        stack.extend((x, False) for x in reversed(f.inputs) if id(x) not in seen)
-    return functions, tensors, output
+    tensors = list(graph_order(root, _FREED))
+    made = [t for t in tensors if t.creator is not None]
+    return [t.creator for t in made], tensors, {id(t.creator): t for t in made}
 
 
 def _shape(t):

@@ -1,8 +1,10 @@
 """minires.profile: per-op call counts, no graph references, nesting, Chrome trace, off state."""
 import gc
 import importlib
+import inspect
 import io
 import json
+import pkgutil
 import weakref
 
 import numpy as np
@@ -12,7 +14,7 @@ import minires
 import minires.ops as F
 from minires import models
 from minires.profile import Profiler, profile, profile_steps
-from minires.tensor import Parameter
+from minires.tensor import Function, Parameter
 
 T = importlib.import_module("minires.tensor")  # the module (minires.tensor is the function)
 SEED_OPS = {"Conv2d": 5, "ReLU": 5, "MaxPool2d": 2, "ResidualAdd": 1, "Reshape": 1,
@@ -55,6 +57,20 @@ def test_call_counts_backend_and_bytes(xp, rng):
     assert pairs == {(e.name, e.op_id) for e in prof.events
                      if e.phase == "forward" and e.name != "Exp"}
     assert all(e.dur_ns >= 0 for e in prof.events)
+
+
+def test_kernel_ops_say_so_themselves():
+    """The profiler names the kernel backend of exactly the ops whose Function class sets
+    `uses_kernels`: those whose code calls minires.kernels (read from the source)."""
+    flagged, calling = set(), set()
+    for info in pkgutil.iter_modules(F.__path__):
+        module = importlib.import_module(f"minires.ops.{info.name}")
+        for cls in vars(module).values():
+            if isinstance(cls, type) and issubclass(cls, Function) and cls.__module__ == \
+                    module.__name__:
+                flagged |= {cls.__name__} if cls.uses_kernels else set()
+                calling |= {cls.__name__} if "kernels." in inspect.getsource(cls) else set()
+    assert flagged == calling == {"Conv2d", "ReLU", "MaxPool2d", "ResidualAdd"}
 
 
 def test_view_outputs_allocate_nothing(rng):

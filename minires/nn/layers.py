@@ -11,7 +11,7 @@ import numpy as np
 import minires.ops as F
 from minires.nn import init
 from minires.nn.module import Module
-from minires.ops.conv import pair
+from minires.ops._args import pair
 
 
 def _check_input(layer, x, shape_ok, expected, hint=""):

@@ -17,14 +17,13 @@ from minires.ops.residual import residual_add
 
 from minires import kernels as _kernels
 
-# The Functions whose forward/backward run the kernels package (the rest use xp directly).
-KERNEL_OPS = frozenset({"Conv2d", "ReLU", "ResidualAdd", "MaxPool2d"})
-
 
 def kernel_backend(array):
     """'numba-cpu', 'numba-cuda' or 'reference': the kernels that handle arrays like `array`
-    (for the profiler, which may not import kernels itself)."""
+    (for the profiler, which may not import kernels itself). The ops that call the kernels
+    say so themselves: their Function class sets `uses_kernels = True`."""
     return _kernels.backend_name(array)
+
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "to_device",

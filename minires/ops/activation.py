@@ -1,17 +1,19 @@
 """Activations and losses: relu (Numba kernel), sigmoid, tanh, softmax, log_softmax,
 cross_entropy (fused log-softmax + NLL) and dropout.
 
-Imports minires.tensor, minires.backend and kernels.
+Imports minires.tensor, minires.backend, minires.ops._args (dtype check) and kernels.
 """
 import numpy as np
 
 from minires import kernels
 from minires import backend
-from minires.ops.arith import check_float
+from minires.ops._args import check_float, raw
 from minires.tensor import Function, Tensor
 
 
 class ReLU(Function):
+    uses_kernels = True
+
     def forward(self, x):
         check_float("relu", x)
         y = kernels.relu_forward(x)
@@ -20,6 +22,11 @@ class ReLU(Function):
 
     def backward(self, gy):
         return kernels.relu_backward(gy, self.saved[0])
+
+
+def relu(x):
+    """max(x, 0), elementwise (Numba kernel on the CPU, numba.cuda on the GPU)."""
+    return ReLU()(x)
 
 
 class Sigmoid(Function):
@@ -35,6 +42,11 @@ class Sigmoid(Function):
         return gy * y * (1 - y)
 
 
+def sigmoid(x):
+    """1 / (1 + exp(-x)), elementwise."""
+    return Sigmoid()(x)
+
+
 class Tanh(Function):
     def forward(self, x):
         check_float("tanh", x)
@@ -45,6 +57,11 @@ class Tanh(Function):
     def backward(self, gy):
         y = self.saved[0]
         return gy * (1 - y * y)
+
+
+def tanh(x):
+    """Hyperbolic tangent, elementwise."""
+    return Tanh()(x)
 
 
 def _log_softmax(xp, x, axis):
@@ -67,6 +84,11 @@ class LogSoftmax(Function):
         return gy - self.xp.exp(y) * gy.sum(axis=self.axis, keepdims=True)
 
 
+def log_softmax(x, axis=-1):
+    """log(softmax(x)) along `axis`, computed stably."""
+    return LogSoftmax(axis)(x)
+
+
 class Softmax(Function):
     def __init__(self, axis):
         self.axis = axis
@@ -82,14 +104,23 @@ class Softmax(Function):
         return y * (gy - (gy * y).sum(axis=self.axis, keepdims=True))
 
 
+def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along `axis`, computed stably."""
+    return Softmax(axis)(x)
+
+
 class CrossEntropy(Function):
-    """Mean over the batch of -log softmax(logits)[label]; labels are integers in [0, K)."""
+    """Mean over the batch of -log softmax(logits)[label]; labels are integers in [0, K).
+
+    The labels (N,) are a constant of the op, not an input (no gradient, no graph edge): given
+    at construction, they live only in `saved`, so they are freed with the graph.
+    """
 
     def __init__(self, labels):
-        self.labels = labels
+        self.save_for_backward(labels)
 
     def forward(self, logits):
-        labels = self.labels
+        (labels,) = self.saved
         check_float("cross_entropy", logits)
         if logits.ndim != 2 or labels.shape != (logits.shape[0],):
             raise ValueError(f"cross_entropy: expected logits (N, K) and labels (N,), got "
@@ -105,59 +136,35 @@ class CrossEntropy(Function):
                              f"[{int(labels.min())}, {int(labels.max())}]")
         logp = _log_softmax(self.xp, logits, 1)
         n = logits.shape[0]
-        self.save_for_backward(logp)
+        self.save_for_backward(logp, labels)
         return -logp[self.xp.arange(n), labels].sum() / logits.dtype.type(max(n, 1))
 
     def backward(self, gy):
-        logp = self.saved[0]
+        logp, labels = self.saved
         n = logp.shape[0]
         g = self.xp.exp(logp)
-        g[self.xp.arange(n), self.labels] -= 1
+        g[self.xp.arange(n), labels] -= 1
         return g * (gy / max(n, 1))
-
-
-class Dropout(Function):
-    def __init__(self, mask):
-        self.mask = mask  # already scaled by 1 / (1 - p)
-
-    def forward(self, x):
-        return x * self.mask
-
-    def backward(self, gy):
-        return gy * self.mask
-
-
-def relu(x):
-    """max(x, 0), elementwise (Numba kernel on the CPU, numba.cuda on the GPU)."""
-    return ReLU()(x)
-
-
-def sigmoid(x):
-    """1 / (1 + exp(-x)), elementwise."""
-    return Sigmoid()(x)
-
-
-def tanh(x):
-    """Hyperbolic tangent, elementwise."""
-    return Tanh()(x)
-
-
-def log_softmax(x, axis=-1):
-    """log(softmax(x)) along `axis`, computed stably."""
-    return LogSoftmax(axis)(x)
-
-
-def softmax(x, axis=-1):
-    """exp(x) / sum(exp(x)) along `axis`, computed stably."""
-    return Softmax(axis)(x)
 
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy of logits (N, K) against integer labels (N,): a scalar tensor."""
-    labels = labels.data if isinstance(labels, Tensor) else labels
-    xp = backend.array_module(getattr(logits, "data", logits))
-    labels = xp.asarray(labels)
-    return CrossEntropy(labels)(logits)
+    xp = backend.array_module(raw(logits))
+    return CrossEntropy(xp.asarray(raw(labels)))(logits)
+
+
+class Dropout(Function):
+    """x * mask, with the mask (shape of x, already scaled by 1 / (1 - p)) given at
+    construction and kept only in `saved`, so it is freed with the graph."""
+
+    def __init__(self, mask):
+        self.save_for_backward(mask)
+
+    def forward(self, x):
+        return x * self.saved[0]
+
+    def backward(self, gy):
+        return gy * self.saved[0]
 
 
 def dropout(x, p=0.5, training=True, rng=None):

@@ -1,20 +1,11 @@
 """Broadcasting arithmetic: add sub mul div neg pow exp log, and the device copy.
 
-Imports minires.tensor and minires.backend. Gradients of broadcast inputs are summed back
-to the input's shape by `unbroadcast`.
+Imports minires.tensor, minires.backend and minires.ops._args. Gradients of broadcast inputs
+are summed back to the input's shape by `unbroadcast`.
 """
 from minires import backend
+from minires.ops._args import check_float, unbroadcast
 from minires.tensor import Function
-
-
-def unbroadcast(g, shape):
-    """Sum g over the axes that broadcasting added or stretched, so it has `shape`."""
-    if g.shape == shape:
-        return g
-    lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        i + lead for i, n in enumerate(shape) if n == 1 and g.shape[i + lead] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
 def _check_broadcast(op, a, b):
@@ -47,12 +38,22 @@ class Add(_Binary):
         return self.reduce(gy, gy)
 
 
+def add(a, b):
+    """a + b with NumPy broadcasting."""
+    return Add()(a, b)
+
+
 class Sub(_Binary):
     def compute(self, a, b):
         return a - b
 
     def backward(self, gy):
         return self.reduce(gy, -gy)
+
+
+def sub(a, b):
+    """a - b with NumPy broadcasting."""
+    return Sub()(a, b)
 
 
 class Mul(_Binary):
@@ -66,6 +67,11 @@ class Mul(_Binary):
                            gy * a if self.needs_input_grad[1] else None)
 
 
+def mul(a, b):
+    """a * b (elementwise) with NumPy broadcasting."""
+    return Mul()(a, b)
+
+
 class Div(_Binary):
     def compute(self, a, b):
         self.save_for_backward(a, b)
@@ -75,6 +81,11 @@ class Div(_Binary):
         a, b = self.saved
         ga = gy / b
         return self.reduce(ga, -ga * a / b if self.needs_input_grad[1] else None)
+
+
+def div(a, b):
+    """a / b (true division) with NumPy broadcasting."""
+    return Div()(a, b)
 
 
 class Pow(_Binary):
@@ -95,6 +106,11 @@ class Pow(_Binary):
         return self.reduce(ga, gb)
 
 
+def pow(a, b):
+    """a ** b with NumPy broadcasting; differentiable in both (d/db needs a > 0)."""
+    return Pow()(a, b)
+
+
 class Neg(Function):
     def forward(self, x):
         return -x
@@ -103,19 +119,9 @@ class Neg(Function):
         return -gy
 
 
-def check_float(op, *arrays):
-    """All arrays float32 or float64 and of one dtype, else a TypeError naming the op.
-
-    Integer input would silently become float64 under NumPy's promotion rules.
-    """
-    dtypes = {a.dtype for a in arrays}
-    if len(dtypes) == 1 and next(iter(dtypes)).kind == "f":
-        return
-    if len(arrays) == 1:
-        raise TypeError(f"{op}: expected a float32 or float64 input, got {arrays[0].dtype}; "
-                        f"convert it first (e.g. x.astype(np.float32))")
-    raise TypeError(f"{op}: expected float32 or float64 inputs of one dtype, got "
-                    f"{', '.join(str(a.dtype) for a in arrays)}")
+def neg(x):
+    """-x."""
+    return Neg()(x)
 
 
 class Exp(Function):
@@ -129,6 +135,11 @@ class Exp(Function):
         return gy * self.saved[0]
 
 
+def exp(x):
+    """e ** x, elementwise."""
+    return Exp()(x)
+
+
 class Log(Function):
     def forward(self, x):
         check_float("log", x)
@@ -137,6 +148,11 @@ class Log(Function):
 
     def backward(self, gy):
         return gy / self.saved[0]
+
+
+def log(x):
+    """Natural logarithm, elementwise."""
+    return Log()(x)
 
 
 class ToDevice(Function):
@@ -149,46 +165,6 @@ class ToDevice(Function):
 
     def backward(self, gy):
         return backend.to_device(gy, self.source)
-
-
-def add(a, b):
-    """a + b with NumPy broadcasting."""
-    return Add()(a, b)
-
-
-def sub(a, b):
-    """a - b with NumPy broadcasting."""
-    return Sub()(a, b)
-
-
-def mul(a, b):
-    """a * b (elementwise) with NumPy broadcasting."""
-    return Mul()(a, b)
-
-
-def div(a, b):
-    """a / b (true division) with NumPy broadcasting."""
-    return Div()(a, b)
-
-
-def pow(a, b):
-    """a ** b with NumPy broadcasting; differentiable in both (d/db needs a > 0)."""
-    return Pow()(a, b)
-
-
-def neg(x):
-    """-x."""
-    return Neg()(x)
-
-
-def exp(x):
-    """e ** x, elementwise."""
-    return Exp()(x)
-
-
-def log(x):
-    """Natural logarithm, elementwise."""
-    return Log()(x)
 
 
 def to_device(x, device):

@@ -1,6 +1,6 @@
 """2-D convolution (cross-correlation, PyTorch weight layout) through the Numba kernels.
 
-Imports minires.tensor, minires.ops.arith (dtype check) and kernels.
+Imports minires.tensor, minires.ops._args (argument checks) and kernels.
 
 Notation used by every conv/pool docstring in minires: N batch size, C input channels,
 O output channels, H W input height and width, KH KW kernel height and width,
@@ -8,20 +8,13 @@ OH = (H + 2*ph - KH) // sh + 1 and OW likewise the output size, (sh, sw) the str
 (ph, pw) the zero padding.
 """
 from minires import kernels
-from minires.ops.arith import check_float
+from minires.ops._args import check_float, pair
 from minires.tensor import Function
 
 
-def pair(op, name, v):
-    """An int or a pair of ints as a pair: 1 -> (1, 1)."""
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-
-
 class Conv2d(Function):
+    uses_kernels = True
+
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
 

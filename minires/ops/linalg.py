@@ -1,8 +1,8 @@
 """Matrix products: matmul (NumPy semantics, batched and broadcast) and linear.
 
-Imports minires.tensor and minires.ops.arith.
+Imports minires.tensor and minires.ops._args (for unbroadcast).
 """
-from minires.ops.arith import unbroadcast
+from minires.ops._args import unbroadcast
 from minires.tensor import Function
 
 
@@ -34,6 +34,11 @@ class MatMul(Function):
         return ga, gb
 
 
+def matmul(a, b):
+    """Matrix product with NumPy semantics (1-D promotion, batched broadcast)."""
+    return MatMul()(a, b)
+
+
 class Linear(Function):
     def forward(self, x, w, b=None):
         if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
@@ -53,11 +58,6 @@ class Linear(Function):
         gw = gy2.T @ x.reshape(-1, x.shape[-1]) if need[1] else None
         gb = gy2.sum(axis=0) if len(need) > 2 and need[2] else None
         return (gx, gw, gb)[:len(need)]
-
-
-def matmul(a, b):
-    """Matrix product with NumPy semantics (1-D promotion, batched broadcast)."""
-    return MatMul()(a, b)
 
 
 def linear(x, w, b=None):

@@ -1,13 +1,9 @@
 """Batch normalisation over (N, C) or (N, C, H, W) inputs, per channel C.
 
-Imports minires.tensor and minires.ops.arith (dtype check).
+Imports minires.tensor and minires.ops._args (argument checks).
 """
-from minires.ops.arith import check_float
-from minires.tensor import Function, Tensor
-
-
-def _raw(a):
-    return a.data if isinstance(a, Tensor) else a
+from minires.ops._args import check_float, raw
+from minires.tensor import Function
 
 
 class BatchNorm2d(Function):
@@ -76,5 +72,5 @@ def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training=Tru
     running_var (raw arrays (C,), in place, unbiased variance, momentum as in PyTorch) unless
     they are None; training=False uses the running statistics.
     """
-    return BatchNorm2d(_raw(running_mean), _raw(running_var), training, momentum, eps)(
+    return BatchNorm2d(raw(running_mean), raw(running_var), training, momentum, eps)(
         x, gamma, beta)

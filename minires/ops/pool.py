@@ -1,11 +1,10 @@
 """Pooling: max_pool2d (kernel dispatch), avg_pool2d and global_avg_pool2d (plain xp).
 
-Imports minires.tensor, minires.ops.conv (argument helpers) and kernels. Notation as in
+Imports minires.tensor, minires.ops._args (argument checks) and kernels. Notation as in
 minires/ops/conv.py; windows do not pad and the output size is floored, as in PyTorch.
 """
 from minires import kernels
-from minires.ops.arith import check_float
-from minires.ops.conv import pair
+from minires.ops._args import check_float, pair
 from minires.tensor import Function
 
 
@@ -18,6 +17,8 @@ def _check_input(op, x, kernel):
 
 
 class MaxPool2d(Function):
+    uses_kernels = True
+
     def __init__(self, kernel, stride):
         self.kernel, self.stride = kernel, stride
 
@@ -31,6 +32,14 @@ class MaxPool2d(Function):
     def backward(self, gy):
         return kernels.max_pool2d_backward(gy, self.saved[0], self.x_shape, self.kernel,
                                            self.stride)
+
+
+def max_pool2d(x, kernel_size, stride=None):
+    """Max over KH x KW windows: (N, C, H, W) -> (N, C, OH, OW); stride defaults to the
+    kernel size. The gradient of each window goes to its (first) maximum."""
+    kernel = pair("max_pool2d", "kernel_size", kernel_size)
+    stride = kernel if stride is None else pair("max_pool2d", "stride", stride)
+    return MaxPool2d(kernel, stride)(x)
 
 
 class AvgPool2d(Function):
@@ -60,6 +69,13 @@ class AvgPool2d(Function):
         return gx
 
 
+def avg_pool2d(x, kernel_size, stride=None):
+    """Mean over KH x KW windows: (N, C, H, W) -> (N, C, OH, OW); stride defaults to kernel."""
+    kernel = pair("avg_pool2d", "kernel_size", kernel_size)
+    stride = kernel if stride is None else pair("avg_pool2d", "stride", stride)
+    return AvgPool2d(kernel, stride)(x)
+
+
 class GlobalAvgPool2d(Function):
     def forward(self, x):
         if x.ndim != 4:
@@ -72,21 +88,6 @@ class GlobalAvgPool2d(Function):
         n, c, h, w = self.x_shape
         g = gy / gy.dtype.type(h * w)
         return self.xp.broadcast_to(g[:, :, None, None], self.x_shape).copy()
-
-
-def max_pool2d(x, kernel_size, stride=None):
-    """Max over KH x KW windows: (N, C, H, W) -> (N, C, OH, OW); stride defaults to the
-    kernel size. The gradient of each window goes to its (first) maximum."""
-    kernel = pair("max_pool2d", "kernel_size", kernel_size)
-    stride = kernel if stride is None else pair("max_pool2d", "stride", stride)
-    return MaxPool2d(kernel, stride)(x)
-
-
-def avg_pool2d(x, kernel_size, stride=None):
-    """Mean over KH x KW windows: (N, C, H, W) -> (N, C, OH, OW); stride defaults to kernel."""
-    kernel = pair("avg_pool2d", "kernel_size", kernel_size)
-    stride = kernel if stride is None else pair("avg_pool2d", "stride", stride)
-    return AvgPool2d(kernel, stride)(x)
 
 
 def global_avg_pool2d(x):

@@ -39,6 +39,11 @@ class Sum(Function):
         return self.xp.broadcast_to(_expand(gy, self.shape, self.axes), self.shape).copy()
 
 
+def sum(x, axis=None, keepdims=False):
+    """Sum over `axis` (int, tuple or None for all), like numpy.sum."""
+    return Sum(axis, keepdims)(x)
+
+
 class Mean(Sum):
     def forward(self, x):
         y = super().forward(x)
@@ -47,6 +52,11 @@ class Mean(Sum):
 
     def backward(self, gy):
         return super().backward(gy / self.count)
+
+
+def mean(x, axis=None, keepdims=False):
+    """Arithmetic mean over `axis` (int, tuple or None for all), like numpy.mean."""
+    return Mean(axis, keepdims)(x)
 
 
 class Max(Function):
@@ -68,16 +78,6 @@ class Max(Function):
         mask = (x == y).astype(x.dtype)
         mask /= mask.sum(axis=self.axes, keepdims=True)
         return mask * _expand(gy, x.shape, self.axes)
-
-
-def sum(x, axis=None, keepdims=False):
-    """Sum over `axis` (int, tuple or None for all), like numpy.sum."""
-    return Sum(axis, keepdims)(x)
-
-
-def mean(x, axis=None, keepdims=False):
-    """Arithmetic mean over `axis` (int, tuple or None for all), like numpy.mean."""
-    return Mean(axis, keepdims)(x)
 
 
 def max(x, axis=None, keepdims=False):

@@ -1,13 +1,15 @@
 """The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward.
 
-Imports minires.tensor, minires.ops.arith (dtype check) and kernels.
+Imports minires.tensor, minires.ops._args (dtype check) and kernels.
 """
 from minires import kernels
-from minires.ops.arith import check_float
+from minires.ops._args import check_float
 from minires.tensor import Function
 
 
 class ResidualAdd(Function):
+    uses_kernels = True
+
     def __init__(self, relu):
         self.relu = relu
 

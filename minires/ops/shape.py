@@ -1,11 +1,11 @@
 """Shape ops: reshape, transpose, flatten, broadcast_to, getitem (basic indexing), concat.
 
-Imports minires.tensor and minires.ops.arith (for unbroadcast).
+Imports minires.tensor and minires.ops._args (for unbroadcast).
 """
 import itertools
 import numbers
 
-from minires.ops.arith import unbroadcast
+from minires.ops._args import unbroadcast
 from minires.tensor import Function
 
 
@@ -23,6 +23,18 @@ class Reshape(Function):
 
     def backward(self, gy):
         return gy.reshape(self.in_shape)
+
+
+def reshape(x, *shape):
+    """View x with a new shape (one -1 allowed): reshape(x, 2, 3) or reshape(x, (2, 3))."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Reshape(shape)(x)
+
+
+def flatten(x, start_dim=1):
+    """Merge the axes from start_dim on: (N, C, H, W) -> (N, C*H*W) by default."""
+    shape = getattr(x, "shape", ())
+    return reshape(x, tuple(shape[:start_dim]) + (-1,))
 
 
 class Transpose(Function):
@@ -45,6 +57,11 @@ class Transpose(Function):
         return gy.transpose(inverse)
 
 
+def transpose(x, axes=None):
+    """Reverse the axes (axes=None) or permute them, like numpy.transpose."""
+    return Transpose(axes)(x)
+
+
 class BroadcastTo(Function):
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -59,6 +76,11 @@ class BroadcastTo(Function):
 
     def backward(self, gy):
         return unbroadcast(gy, self.in_shape)
+
+
+def broadcast_to(x, shape):
+    """Broadcast x to `shape` (NumPy rules); the gradient is summed back."""
+    return BroadcastTo(shape)(x)
 
 
 def _check_basic_key(key):
@@ -88,6 +110,11 @@ class GetItem(Function):
         return gx
 
 
+def getitem(x, key):
+    """x[key] with basic indexing (ints, slices, None, Ellipsis)."""
+    return GetItem(key)(x)
+
+
 class Concat(Function):
     def __init__(self, axis):
         self.axis = axis
@@ -108,33 +135,6 @@ class Concat(Function):
         bounds = list(itertools.accumulate(self.sizes[:-1]))  # on the host: no device copy
         parts = self.xp.split(gy, bounds, axis=self.axis)
         return tuple(p if need else None for p, need in zip(parts, self.needs_input_grad))
-
-
-def reshape(x, *shape):
-    """View x with a new shape (one -1 allowed): reshape(x, 2, 3) or reshape(x, (2, 3))."""
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    return Reshape(shape)(x)
-
-
-def transpose(x, axes=None):
-    """Reverse the axes (axes=None) or permute them, like numpy.transpose."""
-    return Transpose(axes)(x)
-
-
-def flatten(x, start_dim=1):
-    """Merge the axes from start_dim on: (N, C, H, W) -> (N, C*H*W) by default."""
-    shape = getattr(x, "shape", ())
-    return reshape(x, tuple(shape[:start_dim]) + (-1,))
-
-
-def broadcast_to(x, shape):
-    """Broadcast x to `shape` (NumPy rules); the gradient is summed back."""
-    return BroadcastTo(shape)(x)
-
-
-def getitem(x, key):
-    """x[key] with basic indexing (ints, slices, None, Ellipsis)."""
-    return GetItem(key)(x)
 
 
 def concat(tensors, axis=0):
