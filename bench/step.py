@@ -10,7 +10,7 @@ import numpy as np
 
 import minires
 import minires.ops as F
-from minires import optim
+from minires import models, optim
 from bench import common
 
 # Seed net forward, multiply-adds per image (PERF.md): a training step is about 3 forwards.
@@ -31,40 +31,19 @@ def _seed_params(rng, c=16):
     return params
 
 
-class _FunctionalSeedNet:
-    """The seed net from minires.ops alone (used when minires.models is unavailable)."""
-
-    def __init__(self, params, device):
-        self.p = [(minires.Parameter(w, device=device), minires.Parameter(b, device=device))
-                  for w, b in params]
-
-    def parameters(self):
-        return [t for pair in self.p for t in pair]
-
-    def __call__(self, x):
-        (w1, b1), (w2, b2), (w3, b3), (w4, b4), (w5, b5), (wl, bl) = self.p
-        h = F.relu(F.conv2d(x, w1, b1, padding=1))
-        h = F.relu(F.conv2d(h, w2, b2, padding=1))
-        h = F.max_pool2d(F.relu(F.conv2d(h, w3, b3, padding=1)), 4)
-        r = F.relu(F.conv2d(F.relu(F.conv2d(h, w4, b4, padding=1)), w5, b5, padding=1))
-        h = F.max_pool2d(F.residual_add(h, r), 2)
-        return F.linear(F.flatten(h), wl, bl)
-
-
 def minires_net(params, device):
-    """minires.models.seed_net with `params` copied in (or the functional fallback)."""
-    try:
-        from minires import models
-    except ImportError:
-        return _FunctionalSeedNet(params, device)
+    """minires.models.seed_net with `params` (from _seed_params) copied in, on `device`."""
     net = models.seed_net(16)
-    ours = [p for p in net.parameters()]
+    ours = net.parameters()
     flat = [a for pair in params for a in pair]
     if [tuple(p.shape) for p in ours] != [a.shape for a in flat]:
-        return _FunctionalSeedNet(params, device)
+        # the two nets must stay the same computation, or the comparison means nothing
+        raise RuntimeError(f"bench step: seed_net parameter shapes "
+                           f"{[tuple(p.shape) for p in ours]} differ from the benchmark's "
+                           f"{[a.shape for a in flat]}; update _seed_params and torch_net")
     for p, a in zip(ours, flat):
         p.data[...] = a
-    return net.to(device) if device != "cpu" else net
+    return net.to(device)
 
 
 def torch_net(torch, params, dev):

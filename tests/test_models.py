@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 
 from minires import models, nn
-from minires.gradcheck import gradcheck
 from minires.tensor import Tensor
 
 from conftest import fwd_tol, tol
-from test_nn import param_fn
+from helpers import check_module_grad
 
 
 def _images(n, seed=0, dtype=np.float32):
@@ -57,9 +56,8 @@ def test_seed_net_records_grad_norms_each_step():
 
 def test_seed_net_gradcheck_float64():
     model = models.seed_net(channels=2, rng=1, dtype=np.float64)
-    fn, params = param_fn(model)
     # fast mode: one random direction per input (full mode would need ~2,000 forwards)
-    gradcheck(fn, [_images(1, dtype=np.float64)] + params, fast=True, **tol("grad_f64"))
+    check_module_grad(model, _images(1, dtype=np.float64), fast=True)
 
 
 def test_seed_net_forward_matches_torch():

@@ -5,46 +5,10 @@ import pytest
 
 import minires
 from minires import nn
-from minires.gradcheck import gradcheck
 from minires.tensor import Parameter, Tensor
 
 from conftest import fwd_tol, to_numpy, tol
-
-
-def _set_by_name(module, name, value):
-    *path, last = name.split(".")
-    for part in path:
-        module = module[int(part)] if isinstance(module, (list, tuple)) else getattr(module, part)
-    setattr(module, last, value)
-
-
-def param_fn(module):
-    """(fn, arrays): fn(x, *params) installs the given tensors as the module's parameters
-    (so gradcheck differentiates through them) and returns module(x)."""
-    names = [n for n, _ in module.named_parameters()]
-    arrays = [p.data for _, p in module.named_parameters()]
-
-    def fn(x, *params):
-        for name, p in zip(names, params):
-            _set_by_name(module, name, p)
-        return module(x)
-
-    fn.__qualname__ = type(module).__name__
-    return fn, arrays
-
-
-def naive_conv(x, w, b, stride, padding):
-    """Direct loops: y[n,o,i,j] = sum_{c,p,q} w[o,c,p,q] * xpad[n,c,i*s+p,j*s+q] + b[o]."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oh, ow = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    y = np.zeros((n, o, oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            win = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
-            y[:, :, i, j] = np.einsum("ncpq,ocpq->no", win, w)
-    return y + b[None, :, None, None]
+from helpers import check_module_grad, naive_conv
 
 
 class Tiny(nn.Module):
@@ -328,8 +292,7 @@ def test_layer_gradcheck(make, shape, rng):
     layer = make()
     for p in layer.parameters():  # non-trivial values (BN's scale is ones, biases zeros)
         p.data[...] = rng.standard_normal(p.shape)
-    fn, params = param_fn(layer)
-    gradcheck(fn, [rng.standard_normal(shape)] + params, **tol("grad_f64"))
+    check_module_grad(layer, rng.standard_normal(shape))
 
 
 def test_gradients_reach_parameters_through_module_call():

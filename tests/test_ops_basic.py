@@ -5,9 +5,10 @@ import pytest
 
 import minires as mr
 import minires.ops as F
-from minires.gradcheck import distinct, gradcheck
+from minires.gradcheck import distinct
 
-from conftest import fwd_tol, to_numpy, tol
+from conftest import to_numpy, tol
+from helpers import check_forward, check_grad
 
 DTYPES = [np.float32, np.float64]
 
@@ -23,23 +24,12 @@ def rand(xp, rng, shape, dtype=np.float64, low=None, high=None, signed=False):
     return xp.asarray(np.asarray(a, dtype=dtype))
 
 
-def check_forward(y, ref, dtype, reduce=False):
-    """y (Tensor) has dtype `dtype` and matches the float64 reference."""
-    assert isinstance(y, mr.Tensor) and y.dtype == dtype, (type(y), getattr(y, "dtype", None))
-    assert y.shape == np.shape(ref)
-    np.testing.assert_allclose(to_numpy(y), ref, **fwd_tol(dtype, reduce))
-
-
 def host64(*arrays):
     return [to_numpy(a).astype(np.float64) for a in arrays]
 
 
 def as_tensor(a):
     return a if isinstance(a, mr.Tensor) else mr.Tensor(a)  # no device argument: no copy
-
-
-def grad(fn, inputs, **kwargs):
-    gradcheck(fn, inputs, **tol("grad_f64"), **kwargs)
 
 
 # --- broadcasting arithmetic -------------------------------------------------------------------
@@ -74,9 +64,9 @@ def test_binary_forward(xp, rng, name, shapes, dtype):
 def test_binary_gradcheck(xp, rng, name, shapes):
     op = BINARY[name][0]
     a, b = binary_inputs(xp, rng, name, shapes)
-    grad(op, [a, b])
-    grad(op, [a, b], check=(True, False))  # b constant: backward must skip it
-    grad(op, [a, b], check=(False, True))
+    check_grad(op, [a, b])
+    check_grad(op, [a, b], check=(True, False))  # b constant: backward must skip it
+    check_grad(op, [a, b], check=(False, True))
 
 
 @pytest.mark.parametrize("name", BINARY)
@@ -86,8 +76,8 @@ def test_binary_with_python_scalar(xp, rng, name, dtype):
     x = rand(xp, rng, (2, 3), dtype, 0.5, 2.0)
     check_forward(op(x, 1.5), ref(*host64(x), 1.5), dtype)
     check_forward(op(1.5, x), ref(1.5, *host64(x)), dtype)
-    grad(lambda t: op(t, 1.5), [x])
-    grad(lambda t: op(1.5, t), [x])
+    check_grad(lambda t: op(t, 1.5), [x])
+    check_grad(lambda t: op(1.5, t), [x])
 
 
 UNARY = {
@@ -103,7 +93,7 @@ def test_unary_forward_and_gradcheck(xp, rng, name, dtype):
     op, ref, dom = UNARY[name]
     x = rand(xp, rng, (3, 4), dtype, *(dom or ()))
     check_forward(op(x), ref(*host64(x)), dtype)
-    grad(op, [rand(xp, rng, (3, 4), np.float64, *(dom or ()))])
+    check_grad(op, [rand(xp, rng, (3, 4), np.float64, *(dom or ()))])
 
 
 def test_pow_gradient_at_zero_base(xp):
@@ -136,7 +126,7 @@ def test_reduction_forward(xp, rng, name, axis, keepdims, dtype):
 def test_reduction_gradcheck(xp, rng, name, axis, keepdims):
     op = REDUCTIONS[name][0]
     x = distinct(rand(xp, rng, (2, 3, 4)))  # no ties: max is differentiable everywhere here
-    grad(lambda t: op(t, axis=axis, keepdims=keepdims), [x])
+    check_grad(lambda t: op(t, axis=axis, keepdims=keepdims), [x])
 
 
 def test_max_splits_gradient_among_ties(xp):
@@ -188,7 +178,7 @@ def test_shape_op_forward(xp, rng, name, dtype):
 
 @pytest.mark.parametrize("name", SHAPE_OPS)
 def test_shape_op_gradcheck(xp, rng, name):
-    grad(SHAPE_OPS[name][0], [rand(xp, rng, (2, 3, 4))])
+    check_grad(SHAPE_OPS[name][0], [rand(xp, rng, (2, 3, 4))])
 
 
 CONCATS = [([(2, 3), (1, 3), (4, 3)], 0), ([(2, 1), (2, 3)], 1), ([(2, 2, 1), (2, 2, 3)], -1),
@@ -207,8 +197,8 @@ def test_concat_forward(xp, rng, shapes, axis, dtype):
 @pytest.mark.parametrize("shapes,axis", CONCATS, ids=str)
 def test_concat_gradcheck(xp, rng, shapes, axis):
     xs = [rand(xp, rng, s) for s in shapes]
-    grad(lambda *ts: F.concat(list(ts), axis=axis), xs)
-    grad(lambda *ts: F.concat(list(ts), axis=axis), xs,
+    check_grad(lambda *ts: F.concat(list(ts), axis=axis), xs)
+    check_grad(lambda *ts: F.concat(list(ts), axis=axis), xs,
          check=[i % 2 == 0 for i in range(len(xs))])  # some inputs constant
 
 
@@ -228,9 +218,9 @@ def test_matmul_forward(xp, rng, shapes, dtype):
 @pytest.mark.parametrize("shapes", MATMULS, ids=str)
 def test_matmul_gradcheck(xp, rng, shapes):
     a, b = (rand(xp, rng, s) for s in shapes)
-    grad(F.matmul, [a, b])
-    grad(F.matmul, [a, b], check=(False, True))
-    grad(F.matmul, [a, b], check=(True, False))
+    check_grad(F.matmul, [a, b])
+    check_grad(F.matmul, [a, b], check=(False, True))
+    check_grad(F.matmul, [a, b], check=(True, False))
 
 
 LINEARS = [((5, 4), True), ((5, 4), False), ((2, 5, 4), True), ((2, 5, 4), False),
@@ -258,11 +248,11 @@ def test_linear_gradcheck(xp, rng, x_shape, bias):
     x, w = rand(xp, rng, x_shape), rand(xp, rng, (3, 4))
     if bias:
         b = rand(xp, rng, (3,))
-        grad(F.linear, [x, w, b])
-        grad(F.linear, [x, w, b], check=(False, True, False))  # first-layer case
+        check_grad(F.linear, [x, w, b])
+        check_grad(F.linear, [x, w, b], check=(False, True, False))  # first-layer case
     else:
-        grad(F.linear, [x, w])
-        grad(F.linear, [x, w], check=(True, False))
+        check_grad(F.linear, [x, w])
+        check_grad(F.linear, [x, w], check=(True, False))
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -4,20 +4,13 @@ import numpy as np
 import pytest
 
 import minires.ops as F
-from conftest import fwd_tol, to_numpy, tol
+from conftest import fwd_tol, to_numpy
+from helpers import check_forward, check_grad
 from minires.kernels import reference
-from minires.gradcheck import away_from_kinks, distinct, gradcheck
+from minires.gradcheck import away_from_kinks, distinct
 from minires.tensor import Tensor
 
 DTYPES = [np.float32, np.float64]
-
-
-def check_grad(fn, *inputs, **kwargs):
-    gradcheck(fn, inputs, **tol("grad_f64"), **kwargs)
-
-
-def assert_fwd(actual, expected, dtype, reduce=False):
-    np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), **fwd_tol(dtype, reduce))
 
 
 def on(xp, a, dtype=np.float64):
@@ -77,22 +70,22 @@ def test_conv2d_forward(xp, rng, dtype, xs, ws, stride, padding):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
     y = F.conv2d(on(xp, x, dtype), on(xp, w, dtype), on(xp, b, dtype), stride, padding)
     assert y.dtype == dtype and y.device == ("cpu" if xp is np else "cuda")
-    assert_fwd(y, direct_conv(x, w, b, stride, padding), dtype, reduce=True)
+    check_forward(y, direct_conv(x, w, b, stride, padding), dtype, reduce=True)
     ref = reference.conv2d_forward(on(xp, x, dtype), on(xp, w, dtype), on(xp, b, dtype),
                                    _pair(stride), _pair(padding))
-    assert_fwd(y, ref, dtype, reduce=True)
+    check_forward(y, ref, dtype, reduce=True)
     y0 = F.conv2d(on(xp, x, dtype), on(xp, w, dtype), None, stride, padding)
-    assert_fwd(y0, direct_conv(x, w, None, stride, padding), dtype, reduce=True)
+    check_forward(y0, direct_conv(x, w, None, stride, padding), dtype, reduce=True)
 
 
 @pytest.mark.parametrize("xs, ws, stride, padding", CONV_CASES)
 def test_conv2d_grad(xp, rng, xs, ws, stride, padding):
     x, w, b = (on(xp, rng.standard_normal(shape)) for shape in (xs, ws, ws[:1]))
-    check_grad(lambda x, w, b: F.conv2d(x, w, b, stride, padding), x, w, b)
+    check_grad(lambda x, w, b: F.conv2d(x, w, b, stride, padding), [x, w, b])
     # no bias; and a first layer, whose x needs no gradient (backward skips gx): the same
     # kernels, so one random direction per input is enough
-    check_grad(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding), x, w, fast=True)
-    check_grad(lambda x, w, b: F.conv2d(x, w, b, stride, padding), x, w, b,
+    check_grad(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding), [x, w], fast=True)
+    check_grad(lambda x, w, b: F.conv2d(x, w, b, stride, padding), [x, w, b],
                check=(False, True, True), fast=True)
 
 
@@ -112,15 +105,15 @@ def test_pool_forward(xp, rng, dtype, xs, kernel, stride):
     x = rng.standard_normal(xs)
     ymax, yavg = (op(on(xp, x, dtype), kernel, stride) for op in (F.max_pool2d, F.avg_pool2d))
     assert ymax.dtype == yavg.dtype == dtype
-    assert_fwd(ymax, direct_pool(x.astype(dtype), kernel, stride, np.max), dtype)
-    assert_fwd(yavg, direct_pool(x, kernel, stride, np.mean), dtype, reduce=True)
+    check_forward(ymax, direct_pool(x.astype(dtype), kernel, stride, np.max), dtype)
+    check_forward(yavg, direct_pool(x, kernel, stride, np.mean), dtype, reduce=True)
 
 
 @pytest.mark.parametrize("xs, kernel, stride", POOL_CASES)
 def test_pool_grad(xp, rng, xs, kernel, stride):
     x = on(xp, distinct(rng.standard_normal(xs)))  # ties make max pooling non-differentiable
-    check_grad(lambda x: F.max_pool2d(x, kernel, stride), x)
-    check_grad(lambda x: F.avg_pool2d(x, kernel, stride), x)
+    check_grad(lambda x: F.max_pool2d(x, kernel, stride), [x])
+    check_grad(lambda x: F.avg_pool2d(x, kernel, stride), [x])
 
 
 def test_max_pool_tie_goes_to_first_maximum(xp):
@@ -135,8 +128,8 @@ def test_global_avg_pool2d(xp, rng, dtype, xs):
     x = rng.standard_normal(xs)
     y = F.global_avg_pool2d(on(xp, x, dtype))
     assert y.shape == xs[:2] and y.dtype == dtype
-    assert_fwd(y, x.mean(axis=(2, 3)), dtype, reduce=True)
-    check_grad(F.global_avg_pool2d, on(xp, x))
+    check_forward(y, x.mean(axis=(2, 3)), dtype, reduce=True)
+    check_grad(F.global_avg_pool2d, [on(xp, x)])
 
 
 # --- batch_norm -----------------------------------------------------------------------------
@@ -160,24 +153,24 @@ def test_batch_norm_forward_and_running_stats(xp, rng, dtype, xs, training):
                      eps=1e-3)
     assert y.dtype == dtype
     if not training:  # the running statistics are used and left alone
-        assert_fwd(y, direct_batch_norm(x, gamma, beta, rm0, rv0, 1e-3), dtype, reduce=True)
+        check_forward(y, direct_batch_norm(x, gamma, beta, rm0, rv0, 1e-3), dtype, reduce=True)
         np.testing.assert_array_equal(to_numpy(rm), rm0.astype(dtype))
         np.testing.assert_array_equal(to_numpy(rv), rv0.astype(dtype))
         return
     axes = (0,) if len(xs) == 2 else (0, 2, 3)
     mean, var = x.mean(axis=axes), x.var(axis=axes)  # biased for normalising
-    assert_fwd(y, direct_batch_norm(x, gamma, beta, mean, var, 1e-3), dtype, reduce=True)
+    check_forward(y, direct_batch_norm(x, gamma, beta, mean, var, 1e-3), dtype, reduce=True)
     count = x.size // xs[1]
-    assert_fwd(rm, 0.8 * rm0 + 0.2 * mean, dtype, reduce=True)
-    assert_fwd(rv, 0.8 * rv0 + 0.2 * var * count / (count - 1), dtype, reduce=True)  # unbiased
+    check_forward(rm, 0.8 * rm0 + 0.2 * mean, dtype, reduce=True)
+    check_forward(rv, 0.8 * rv0 + 0.2 * var * count / (count - 1), dtype, reduce=True)  # unbiased
 
 
 @pytest.mark.parametrize("xs", BN_SHAPES)
 def test_batch_norm_grad(xp, rng, xs):
     _, _, _, args = bn_inputs(xp, rng, xs)
-    check_grad(lambda x, g, b: F.batch_norm(x, g, b, training=True), *args)
+    check_grad(lambda x, g, b: F.batch_norm(x, g, b, training=True), args)
     rm, rv = on(xp, rng.standard_normal(xs[1])), on(xp, rng.random(xs[1]) + 0.5)
-    check_grad(lambda x, g, b: F.batch_norm(x, g, b, rm, rv, training=False), *args)
+    check_grad(lambda x, g, b: F.batch_norm(x, g, b, rm, rv, training=False), args)
 
 
 @pytest.mark.parametrize("xs", BN_SHAPES)
@@ -194,9 +187,9 @@ def test_batch_norm_matches_torch(rng, xs):
     tensors = [Tensor(a, requires_grad=True) for a in args]
     y = F.batch_norm(*tensors, running_mean=rm, running_var=rv, training=True)
     y.backward(gy)
-    assert_fwd(y, ty.detach().numpy(), np.float64)
+    check_forward(y, ty.detach().numpy(), np.float64)
     for mine, theirs in [(rm, trm), (rv, trv)] + [(t.grad, s.grad) for t, s in zip(tensors, ts)]:
-        assert_fwd(mine, theirs.numpy(), np.float64)
+        check_forward(mine, theirs.numpy(), np.float64)
 
 
 # --- residual_add ---------------------------------------------------------------------------
@@ -218,7 +211,7 @@ def test_residual_add_forward(xp, rng, dtype, relu, alpha):
     args = [on(xp, a, dtype) for a in (x, fx, alpha) if a is not None]
     y = F.residual_add(*args, relu=relu)
     assert y.dtype == dtype
-    assert_fwd(y, np.maximum(s, 0) if relu else s, dtype)
+    check_forward(y, np.maximum(s, 0) if relu else s, dtype)
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -226,12 +219,12 @@ def test_residual_add_forward(xp, rng, dtype, relu, alpha):
 def test_residual_add_grad(xp, rng, relu, alpha):
     x, fx, _ = residual_inputs(rng, (2, 3, 3, 2), alpha, relu)
     if alpha is None:
-        check_grad(lambda x, fx: F.residual_add(x, fx, relu=relu), on(xp, x), on(xp, fx))
+        check_grad(lambda x, fx: F.residual_add(x, fx, relu=relu), [on(xp, x), on(xp, fx)])
         return
     inputs = on(xp, x), on(xp, fx), on(xp, alpha)
-    check_grad(lambda x, fx, a: F.residual_add(x, fx, a, relu=relu), *inputs)
+    check_grad(lambda x, fx, a: F.residual_add(x, fx, a, relu=relu), inputs)
     # alpha a constant: the kernel skips its gradient
-    check_grad(lambda x, fx, a: F.residual_add(x, fx, a, relu=relu), *inputs,
+    check_grad(lambda x, fx, a: F.residual_add(x, fx, a, relu=relu), inputs,
                check=(True, True, False))
 
 
@@ -250,8 +243,8 @@ def test_elementwise_activation(xp, rng, dtype, name):
     x = away_from_kinks(3 * rng.standard_normal((3, 4, 5)), 0.05)  # ReLU: off the kink at 0
     y = op(on(xp, x, dtype))
     assert y.dtype == dtype and y.shape == x.shape
-    assert_fwd(y, closed_form(x.astype(dtype).astype(np.float64)), dtype)
-    check_grad(op, on(xp, x))
+    check_forward(y, closed_form(x.astype(dtype).astype(np.float64)), dtype)
+    check_grad(op, [on(xp, x)])
 
 
 def test_extreme_inputs_stay_finite(xp):
@@ -266,13 +259,13 @@ def test_extreme_inputs_stay_finite(xp):
 def test_softmax_and_log_softmax(xp, rng, dtype, axis):
     x = 3 * rng.standard_normal((2, 3, 4))
     logp = direct_log_softmax(x.astype(dtype).astype(np.float64), axis)
-    assert_fwd(F.log_softmax(on(xp, x, dtype), axis=axis), logp, dtype, reduce=True)
+    check_forward(F.log_softmax(on(xp, x, dtype), axis=axis), logp, dtype, reduce=True)
     y = F.softmax(on(xp, x, dtype), axis=axis)
-    assert_fwd(y, np.exp(logp), dtype, reduce=True)
-    assert_fwd(to_numpy(y).sum(axis=axis), np.ones(np.delete(x.shape, axis)), dtype,
+    check_forward(y, np.exp(logp), dtype, reduce=True)
+    check_forward(to_numpy(y).sum(axis=axis), np.ones(np.delete(x.shape, axis)), dtype,
                reduce=True)
-    check_grad(lambda a: F.log_softmax(a, axis=axis), on(xp, x))
-    check_grad(lambda a: F.softmax(a, axis=axis), on(xp, x))
+    check_grad(lambda a: F.log_softmax(a, axis=axis), [on(xp, x)])
+    check_grad(lambda a: F.softmax(a, axis=axis), [on(xp, x)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -281,10 +274,10 @@ def test_cross_entropy(xp, rng, dtype):
     loss = F.cross_entropy(on(xp, logits, dtype), xp.asarray(labels))
     assert loss.shape == () and loss.dtype == dtype
     expected = -direct_log_softmax(logits, 1)[np.arange(5), labels].mean()  # mean over batch
-    assert_fwd(loss, expected, dtype, reduce=True)
+    check_forward(loss, expected, dtype, reduce=True)
     as_tensor = F.cross_entropy(on(xp, logits, dtype), Tensor(xp.asarray(labels)))
-    assert_fwd(as_tensor, expected, dtype, reduce=True)
-    check_grad(F.cross_entropy, on(xp, logits), xp.asarray(labels))
+    check_forward(as_tensor, expected, dtype, reduce=True)
+    check_grad(F.cross_entropy, [on(xp, logits), xp.asarray(labels)])
 
 
 def test_cross_entropy_gradient_closed_form(xp, rng):
@@ -293,7 +286,7 @@ def test_cross_entropy_gradient_closed_form(xp, rng):
     F.cross_entropy(z, xp.asarray(labels)).backward()
     expected = np.exp(direct_log_softmax(logits, 1))
     expected[np.arange(3), labels] -= 1
-    assert_fwd(z.grad, expected / 3, np.float64)  # (softmax - onehot) / N
+    check_forward(z.grad, expected / 3, np.float64)  # (softmax - onehot) / N
 
 
 # --- dropout --------------------------------------------------------------------------------
@@ -325,12 +318,12 @@ def test_dropout_same_rng_same_mask(xp, rng):
 
 def test_dropout_grad(xp, rng):
     x = on(xp, rng.standard_normal((3, 4)))
-    check_grad(lambda a: F.dropout(a, 0.4, rng=np.random.default_rng(3)), x)
+    check_grad(lambda a: F.dropout(a, 0.4, rng=np.random.default_rng(3)), [x])
     t, gy = Tensor(x, requires_grad=True), on(xp, rng.standard_normal((3, 4)))
     y = F.dropout(t, 0.4, rng=3)
     y.backward(gy)
     mask = to_numpy(y) / to_numpy(x)  # 0 or 1 / (1 - p) per element
-    assert_fwd(t.grad, mask * to_numpy(gy), np.float64)
+    check_forward(t.grad, mask * to_numpy(gy), np.float64)
 
 
 # --- bad input: a clear error naming the op and the shapes / dtypes -------------------------

@@ -5,8 +5,8 @@ import pytest
 
 import minires.ops as F
 from conftest import fwd_tol, to_numpy, tol
+from helpers import check_grad
 from minires import backend
-from minires.gradcheck import gradcheck
 from minires.nn import ReZero, Residual, Sequential
 from minires.nn.recurrent import LSTM, RNN, SequenceOnly
 from minires.tensor import Tensor
@@ -103,7 +103,7 @@ def test_gradcheck_lstm_cell(rng):
         h, (_, c) = _with_weights(layer, ws).cell(x, (h, c))
         return F.concat([h, c], axis=1)
 
-    gradcheck(cell, [x[:, 0], h0, c0, *weights], **tol("grad_f64"))
+    check_grad(cell, [x[:, 0], h0, c0, *weights])
 
 
 def test_gradcheck_lstm_sequence(rng):
@@ -115,17 +115,17 @@ def test_gradcheck_lstm_sequence(rng):
         seq, (_, c) = _with_weights(layer, ws)(x, (h, c))
         return F.concat([F.reshape(seq, (2, -1)), c], axis=1)  # every step's h, and c_T
 
-    gradcheck(unrolled, [x, h0, c0, *weights], **tol("grad_f64"))
+    check_grad(unrolled, [x, h0, c0, *weights])
 
 
 def test_gradcheck_rnn_cell_and_sequence(rng):
     layer = RNN(3, 2, rng=6, dtype=np.float64)
     x, h0, _ = _data(rng, 2, 3, 3, 2, np.float64)
     weights = [getattr(layer, n).data for n in WEIGHTS]
-    gradcheck(lambda x, h, *ws: _with_weights(layer, ws).cell(x, h)[0],
-              [x[:, 0], h0, *weights], **tol("grad_f64"))
-    gradcheck(lambda x, h, *ws: _with_weights(layer, ws)(x, h)[0],
-              [x, h0, *weights], **tol("grad_f64"))
+    check_grad(lambda x, h, *ws: _with_weights(layer, ws).cell(x, h)[0],
+               [x[:, 0], h0, *weights])
+    check_grad(lambda x, h, *ws: _with_weights(layer, ws)(x, h)[0],
+               [x, h0, *weights])
 
 
 # --- PyTorch parity (optional) -----------------------------------------------------------------

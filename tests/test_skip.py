@@ -5,12 +5,11 @@ import pytest
 
 import minires
 from minires import nn
-from minires.gradcheck import gradcheck
 from minires.ops.residual import ResidualAdd
 from minires.tensor import Tensor
 
 from conftest import fwd_tol, tol
-from test_nn import naive_conv, param_fn
+from helpers import check_module_grad, naive_conv
 
 F64 = np.float64
 
@@ -134,8 +133,7 @@ def test_skip_gradcheck(make, shape, rng):
     module = make()
     for p in module.parameters():  # alpha != 0, BN scales != 1: every path contributes
         p.data[...] = rng.standard_normal(p.shape)
-    fn, params = param_fn(module)
-    gradcheck(fn, [rng.standard_normal(shape)] + params, **tol("grad_f64"))
+    check_module_grad(module, rng.standard_normal(shape))
 
 
 # --- gradient norms -----------------------------------------------------------------------------
