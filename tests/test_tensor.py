@@ -1,5 +1,5 @@
-"""The autograd contract (docs/design.md section 3): backward engine, graph lifetime, hooks, grad mode,
-devices, dtype rules and the Tensor surface, checked against closed forms."""
+"""The autograd contract (docs/design.md section 3): backward engine, graph lifetime, hooks,
+grad mode, devices, dtype rules and the Tensor surface, checked against closed forms."""
 import asyncio
 import gc
 import threading
