@@ -16,6 +16,7 @@ import numpy as np
 import _common as C  # first: it finds minires in a checkout that is not installed
 from minires import models, nn
 from minires.tensor import is_grad_enabled
+from minires.train import SkipNorms
 
 FIELDS = ("seed", "step", "epoch", "loss", "accuracy", "x_in", "x_res", "alpha")
 
@@ -85,8 +86,9 @@ def run(args, seed, test):
         rows.append({k: r.get(k) for k in FIELDS} | {"seed": seed, "alpha": alpha})
 
     start = time.perf_counter()
-    C.train(model, C.train_loader(args, seed), args, epochs=args.epochs, on_step=on_step,
-            desc=f"seed {seed}")
+    norms = SkipNorms(model.skip)  # puts this step's x_in and x_res into the record first
+    C.train(model, C.train_loader(args, seed), args, epochs=args.epochs,
+            on_step=[norms, on_step], desc=f"seed {seed}")
     seconds = time.perf_counter() - start
     summary = {"seed": seed, "steps": len(rows), "seconds": round(seconds, 1),
                "final_loss": float(np.mean([r["loss"] for r in rows[-args.window:]])),

@@ -1,5 +1,5 @@
 """Train the BasicBlock ResNet (batch norm, projection shortcuts) on MNIST and report the test
-accuracy, through minires.train.fit (metrics.csv and checkpoint.npz land in --out too).
+accuracy, through minires.run.fit (metrics.csv and checkpoint.npz land in --out too).
 
     python examples/resnet_mnist.py              # ResNet-14, one epoch, Adam one-cycle 1e-2
 
@@ -13,7 +13,7 @@ import numpy as np
 
 import _common as C  # first: it finds minires in a checkout that is not installed
 from minires import models, optim
-from minires.train import fit
+from minires.run import fit
 
 
 def plot(out, args, test_accuracy):

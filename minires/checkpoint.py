@@ -36,7 +36,7 @@ def save(obj, path):
     arrays = {}
     tree = _encode(obj, "", arrays)
     arrays[_META] = np.array(json.dumps({"format": _FORMAT, "tree": tree}))
-    _write_atomic(os.fspath(path), arrays)
+    write_atomic(path, lambda f: _write_npz(f, arrays))
 
 
 def load(path):
@@ -114,16 +114,27 @@ def _decode(node, arrays):
     raise ValueError(f"unknown node kind {kind!r}")
 
 
-def _write_atomic(path, arrays):
-    """Write arrays as an .npz into a temp file beside path, fsync, then rename over path."""
+def _write_npz(f, arrays):
+    """arrays as the .npy members of an uncompressed .npz written to the open file f."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def write_atomic(path, write, mode="wb", **open_kwargs):
+    """Replace the file at path by what write(f) writes, atomically: into a temp file beside
+    it, flushed and fsynced, then renamed over path (and the folder fsynced), so a crash or
+    a kill leaves either the old file or the new one, never a mix. On an error path is
+    untouched and the temp file is gone; temp files of killed earlier writers are deleted.
+    `mode` and `open_kwargs` (e.g. newline="") open the temp file.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name, array in arrays.items():
-                    with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, array, allow_pickle=False)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -14,7 +14,7 @@ import numpy as np
 
 import minires
 import minires.ops as F
-from minires import anomaly, backend, checkpoint, checks, data, models, optim, runtime, train
+from minires import anomaly, backend, checks, data, models, optim, run, runtime, train
 from minires.profile import profile_steps
 
 MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip connection
@@ -106,9 +106,10 @@ def cmd_train(args):
     wall = time.perf_counter()
     device = _check_device(args.device)
     _check_flags(args)
-    run = _run_settings(args)
+    resume = _read_resume(args.resume) if args.resume else None  # read once, used twice
+    cfg = _run_settings(args, resume)
     with _threads(args.threads):
-        return _train(args, device, run, wall)
+        return _train(args, device, cfg, resume, wall)
 
 
 def _check_flags(args):
@@ -120,37 +121,39 @@ def _check_flags(args):
         raise UsageError(f"--profile must be >= 1, got {args.profile}")
 
 
-def _train(args, device, run, wall):
+def _train(args, device, cfg, resume, wall):
     try:
         train_set = data.load_mnist("train", args.data)
         test_set = data.load_mnist("test", args.data)
     except data.MnistError as err:
         print(f"minires train: error: {err}", file=sys.stderr)
         return 1
-    if run["limit"]:
-        train_set, test_set = ([a[:run["limit"]] for a in s] for s in (train_set, test_set))
-    loader = data.DataLoader(*train_set, batch_size=run["batch_size"], seed=run["seed"],
+    if cfg["limit"]:
+        train_set, test_set = ([a[:cfg["limit"]] for a in s] for s in (train_set, test_set))
+    loader = data.DataLoader(*train_set, batch_size=cfg["batch_size"], seed=cfg["seed"],
                              device=device)
     test_loader = data.DataLoader(*test_set, batch_size=EVAL_BATCH, shuffle=False,
                                   device=device)
-    model = MODELS[run["model"]](run["seed"]).to(device)
-    optimizer = _optimizer(run, model.parameters())
-    scheduler = _schedule(run, optimizer, run["epochs"] * len(loader))
+    model = MODELS[cfg["model"]](cfg["seed"]).to(device)
+    optimizer = _optimizer(cfg, model.parameters())
+    scheduler = _schedule(cfg, optimizer, cfg["epochs"] * len(loader))
     out = _out_dir(args)
-    _print_header(run, model, device, len(loader.labels), out)
+    _print_header(cfg, model, device, len(loader.labels), out)
     checking = anomaly.detect_anomaly() if args.detect_anomaly else contextlib.nullcontext()
     try:
         with checking:
             if args.profile is not None:
-                return _profile(args, model, loader, optimizer, scheduler, device, out, run)
-            result = train.fit(model, loader, optimizer, scheduler, epochs=run["epochs"],
-                               test_loader=test_loader, out=out,
-                               checkpoint_every=args.checkpoint_every, resume=args.resume,
-                               hparams=run)
+                return _profile(args, (model, optimizer, scheduler, loader), device, out,
+                                cfg, resume)
+            norms = train.SkipNorms(getattr(model, "skip", None))  # the seed net's x_in, x_res
+            result = run.fit(model, loader, optimizer, scheduler, epochs=cfg["epochs"],
+                             test_loader=test_loader, out=out,
+                             checkpoint_every=args.checkpoint_every, resume=resume,
+                             hparams=cfg, on_step=norms, columns=norms.columns)
     except (train.NonFiniteLoss, anomaly.AnomalyError, OSError) as err:  # OSError: disk full
         print(f"minires train: error: {err}", file=sys.stderr)
         return 1
-    except train.ResumeError as err:  # a checkpoint that does not fit this run
+    except run.ResumeError as err:  # a checkpoint that does not fit this run
         raise UsageError(str(err)) from None
     test, train_s = result["test"], result["train_seconds"]
     print(f"test accuracy {100 * test['accuracy']:.2f}% (loss {test['loss']:.4f}) after "
@@ -161,10 +164,12 @@ def _train(args, device, run, wall):
     return 0
 
 
-def _profile(args, model, loader, optimizer, scheduler, device, out, run):
-    """`--profile N`: N profiled training steps (no checkpoint, no metrics), then exit 0."""
-    if args.resume:
-        train.restore(args.resume, model, optimizer, scheduler, loader, run)
+def _profile(args, parts, device, out, cfg, resume):
+    """`--profile N`: N profiled training steps (no checkpoint, no metrics), then exit 0.
+    parts: (model, optimizer, scheduler, loader)."""
+    model, optimizer, scheduler, loader = parts
+    if resume is not None:
+        run.restore(resume, model, optimizer, scheduler, loader, cfg)
     model.train()
 
     def batches():
@@ -183,57 +188,55 @@ def _profile(args, model, loader, optimizer, scheduler, device, out, run):
     return 0
 
 
-def _run_settings(args):
+def _read_resume(path):
+    """The --resume checkpoint, read once (run.TrainingCheckpoint), or a usage error."""
+    try:
+        return run.read_checkpoint(path)
+    except run.ResumeError as err:
+        raise UsageError(f"--resume: {err.detail}") from None
+
+
+def _run_settings(args, resume):
     """The run's settings: command line, else (with --resume) the checkpoint's, else defaults.
 
     A setting given on the command line that differs from the checkpoint's is a usage error.
     """
     given = {k: getattr(args, k) for k in RUN_KEYS}
-    saved = _saved_settings(args.resume) if args.resume else {}
+    saved = resume.hparams if resume is not None else {}
     for key, value in given.items():
         if value is not None and key in saved and saved[key] != value:
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the checkpoint's "
                              f"{key}={saved[key]!r} ({args.resume}); leave it out to continue "
                              f"that run")
-    run = {k: given[k] if given[k] is not None else saved.get(k, DEFAULTS[k]) for k in RUN_KEYS}
-    run["lr"] = run["lr"] if run["lr"] is not None else DEFAULT_LR[run["optimizer"]]
-    _check_settings(run)
-    return run
+    cfg = {k: given[k] if given[k] is not None else saved.get(k, DEFAULTS[k]) for k in RUN_KEYS}
+    cfg["lr"] = cfg["lr"] if cfg["lr"] is not None else DEFAULT_LR[cfg["optimizer"]]
+    _check_settings(cfg)
+    return cfg
 
 
-def _check_settings(run):
+def _check_settings(cfg):
     """One usage error naming the first flag whose value cannot define a run."""
     for key in ("epochs", "batch_size"):
-        if run[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {run[key]}")
-    if not (math.isfinite(run["lr"]) and run["lr"] > 0):  # also refuses nan and inf
-        raise UsageError(f"--lr must be positive and finite, got {run['lr']:g}")
+        if cfg[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):  # also refuses nan and inf
+        raise UsageError(f"--lr must be positive and finite, got {cfg['lr']:g}")
     for key in ("limit", "seed"):
-        if run[key] < 0:
-            raise UsageError(f"--{key} must be >= 0, got {run[key]}")
+        if cfg[key] < 0:
+            raise UsageError(f"--{key} must be >= 0, got {cfg[key]}")
 
 
-def _saved_settings(path):
-    try:
-        state = checkpoint.load(path)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--resume: {err}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("hparams"), dict):
-        raise UsageError(f"--resume: {path} is not a minires training checkpoint")
-    return state["hparams"]
+def _optimizer(cfg, params):
+    if cfg["optimizer"] == "sgd":
+        return optim.SGD(params, cfg["lr"], momentum=0.9, nesterov=True)
+    return {"adam": optim.Adam, "adamw": optim.AdamW}[cfg["optimizer"]](params, cfg["lr"])
 
 
-def _optimizer(run, params):
-    if run["optimizer"] == "sgd":
-        return optim.SGD(params, run["lr"], momentum=0.9, nesterov=True)
-    return {"adam": optim.Adam, "adamw": optim.AdamW}[run["optimizer"]](params, run["lr"])
-
-
-def _schedule(run, optimizer, total_steps):
-    if run["schedule"] == "cosine":
+def _schedule(cfg, optimizer, total_steps):
+    if cfg["schedule"] == "cosine":
         return optim.CosineLR(optimizer, total_steps)
-    if run["schedule"] == "onecycle":
-        return optim.OneCycleLR(optimizer, run["lr"], max(total_steps, 2))
+    if cfg["schedule"] == "onecycle":
+        return optim.OneCycleLR(optimizer, cfg["lr"], max(total_steps, 2))
     return None
 
 
@@ -250,13 +253,13 @@ def _out_dir(args):
     return out
 
 
-def _print_header(run, model, device, n_images, out):
+def _print_header(cfg, model, device, n_images, out):
     n_params = sum(p.size for p in model.parameters())
     kernels = F.kernel_backend(backend.to_device(np.empty(1, np.float32), device))
     threads = runtime.numba_threads()
-    print(f"minires train: model {run['model']} ({n_params:,} parameters), {run['optimizer']} "
-          f"lr {run['lr']:g}, schedule {run['schedule']}, batch {run['batch_size']}, "
-          f"{run['epochs']} epoch(s) of {n_images:,} images, seed {run['seed']}, device "
+    print(f"minires train: model {cfg['model']} ({n_params:,} parameters), {cfg['optimizer']} "
+          f"lr {cfg['lr']:g}, schedule {cfg['schedule']}, batch {cfg['batch_size']}, "
+          f"{cfg['epochs']} epoch(s) of {n_images:,} images, seed {cfg['seed']}, device "
           f"{device} (kernels {kernels}{f', {threads} threads' if threads else ''}), "
           f"out {out}", flush=True)
 

@@ -1,10 +1,14 @@
 """The `minires` command line, called in process through cli.main(argv) (its exit code)."""
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from minires import backend, checkpoint, checks, cli, data
+from conftest import REPO
+from minires import backend, checkpoint, checks, cli, data, runtime
 from minires.tensor import Function
 
 
@@ -18,9 +22,21 @@ def test_info(capsys):
     if rows["kernels (cpu)"] == "numba-cpu":
         assert rows["numba threading layer"] in ("omp", "tbb", "workqueue")
     assert rows["vector isa"] in ("AVX-512", "AVX2", "AVX", "SSE4.2", "SVE", "NEON", "unknown")
-    assert "(set by minires)" in rows["openmp wait policy"] or \
-        "(from the environment)" in rows["openmp wait policy"]
+    assert rows["openmp wait policy"] == runtime.wait_policy()  # in-process: see below
     assert "threads)" in rows["blas"] and "install" not in rows["blas"]
+
+
+@pytest.mark.parametrize("env,policy", [({}, "PASSIVE (set by minires)"),
+                                        ({"OMP_WAIT_POLICY": "ACTIVE"},
+                                         "OMP_WAIT_POLICY=ACTIVE (from the environment)")])
+def test_info_shows_the_wait_policy_and_who_chose_it(env, policy):
+    """A fresh process: minires sets the passive policy unless the user chose one."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY",
+                                                              "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-m", "minires", "info"], capture_output=True,
+                         text=True, env=dict(base, PYTHONPATH=str(REPO), **env), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"openmp wait policy     {policy}\n" in out.stdout
 
 
 def test_gradcheck_every_case_passes(capsys):
@@ -158,3 +174,18 @@ def test_help_states_what_zero_means(capsys):
         in text
     assert "(default 500; 0: at epoch ends only)" in text and "--threads THREADS CPU " \
         "threads for Numba and BLAS, >= 1" in text
+
+
+def test_resume_reads_the_checkpoint_once(mnist_dir, tmp_path, monkeypatch, capsys):
+    """The settings and the restore come from one read of the file (also with --profile)."""
+    argv = ["train", "--limit", "64", "--data", str(mnist_dir), "--threads", "1"]
+    assert cli.main(argv + ["--out", str(tmp_path)]) == 0
+    reads, real = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: reads.append(a) or real(*a, **k))
+    ckpt = str(tmp_path / "checkpoint.npz")
+    assert cli.main(argv + ["--resume", ckpt]) == 0
+    assert len(reads) == 1 and "resumed from" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume", ckpt, "--profile", "1", "--out",
+                            str(tmp_path / "p")]) == 0
+    assert len(reads) == 2
+

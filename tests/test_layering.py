@@ -32,10 +32,11 @@ LAYERS = {
     "minires.anomaly": ("minires.tensor", "minires.backend"),  # observer hook: NaN/inf finder
     "minires.runtime": ("minires.backend",),  # threads, wait policy, BLAS, CPU, GPU facts
     "minires.train": BELOW_TRAIN,
+    "minires.run": BELOW_TRAIN + ("minires.train",),  # fit, metrics CSV, checkpoints, resume
     "minires.checks": BELOW_TRAIN,  # the cases `minires gradcheck` runs
     # the top: cli may also read the facade (e.g. minires.__version__)
-    "minires.cli": BELOW_TRAIN + ("minires.train", "minires.checks", "minires.runtime",
-                                  "minires"),
+    "minires.cli": BELOW_TRAIN + ("minires.train", "minires.run", "minires.checks",
+                                  "minires.runtime", "minires"),
     "minires.__main__": ("minires.cli",),
     "minires": BELOW_TRAIN + ("minires.train",),  # the package facade (minires/__init__.py)
 }

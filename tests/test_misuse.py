@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minires.ops as F
-from minires import backend, checkpoint, cli, data, models, nn, optim, train
+from minires import backend, checkpoint, cli, data, models, nn, optim, run, train
 from minires.tensor import Tensor
 
 
@@ -142,15 +142,15 @@ def _run(mnist, model="seed", channels=16, opt="adam", batch_size=16, steps=2):
     return net, optimizer, sched, loader
 
 
-def _everything(run):
-    net, optimizer, sched, loader = run
+def _everything(job):
+    net, optimizer, sched, loader = job
     return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": sched.state_dict(), "loader": loader.state_dict(),
             "lr": optimizer.lr}
 
 
-def _write(run, path, hparams):
-    checkpoint.save(train.training_state(*run, step=3, hparams=hparams), path)
+def _write(job, path, hparams):
+    checkpoint.save(run.training_state(*job, step=3, hparams=hparams), path)
     return path
 
 
@@ -191,21 +191,21 @@ def test_broken_checkpoint_changes_nothing(case, mnist, tmp_path):
     make, message = BROKEN[case]
     path = tmp_path / "ck.npz"
     make(mnist, path)
-    run = _run(mnist)
-    before = _everything(run)
-    with pytest.raises(train.ResumeError, match=message):
-        train.restore(path, *run, hparams={"model": "seed"})
-    assert _same(before, _everything(run))  # every parameter, moment, position, lr
+    job = _run(mnist)
+    before = _everything(job)
+    with pytest.raises(run.ResumeError, match=message):
+        run.restore(path, *job, hparams={"model": "seed"})
+    assert _same(before, _everything(job))  # every parameter, moment, position, lr
 
 
 def test_good_checkpoint_does_change_the_run(mnist, tmp_path):
     """The control for the test above: a fitting checkpoint from a later step loads."""
     path = _write(_run(mnist, steps=3), tmp_path / "ck.npz", {"model": "seed"})
-    run = _run(mnist)
-    before = _everything(run)
-    assert train.restore(path, *run, hparams={"model": "seed"}) == 3
-    assert not _same(before, _everything(run))
-    assert _same(_everything(_run(mnist, steps=3)), _everything(run))
+    job = _run(mnist)
+    before = _everything(job)
+    assert run.restore(path, *job, hparams={"model": "seed"}) == 3
+    assert not _same(before, _everything(job))
+    assert _same(_everything(_run(mnist, steps=3)), _everything(job))
 
 
 # --- damaged MNIST files ------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 
 import minires.ops as F
 from conftest import REPO
-from minires import checkpoint, cli, data, models, optim, train
+from minires import checkpoint, cli, data, models, optim, run, train
 from minires.anomaly import AnomalyError, detect_anomaly
 from minires.profile import profile
 from minires.tensor import Function, Tensor
@@ -33,12 +33,12 @@ tensor_module = importlib.import_module("minires.tensor")  # `minires.tensor` is
 DRIVER = r"""
 import os, signal, sys
 import numpy as np
-from minires import checkpoint, cli, train
+from minires import checkpoint, cli, run, train
 
 fault, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 count = {"saves": 0, "members": 0}
 real_save, real_write, real_replace = checkpoint.save, np.lib.format.write_array, os.replace
-real_row, real_evaluate = train._Metrics.__call__, train.evaluate
+real_row, real_evaluate = run._Metrics.__call__, train.evaluate
 
 
 def die():
@@ -82,7 +82,7 @@ def evaluate(*args, **kwargs):
 
 
 checkpoint.save, np.lib.format.write_array, os.replace = save, write_array, replace
-train._Metrics.__call__, train.evaluate = row, evaluate
+run._Metrics.__call__, train.evaluate = row, evaluate
 sys.exit(cli.main(argv))
 """
 # 256 images in batches of 16 for 2 epochs: 32 steps, a checkpoint every 2 steps (save k at
@@ -208,14 +208,14 @@ def test_sigkill_at_a_random_moment_while_checkpointing_every_step(straight, mni
 def test_resume_keeps_only_whole_rows_up_to_the_checkpoint(tmp_path):
     """Rows after the checkpoint's step are dropped, and so is anything after a torn line."""
     path = tmp_path / "metrics.csv"
-    head = ",".join(train.CSV_FIELDS)
+    head = ",".join(run.CSV_FIELDS + train.SkipNorms.columns)
     good = [f"{s},0,2.{s},0.5,0.01,," for s in (1, 2, 3)]
     cases = [(3, ["4,0,2.4,0.5,0.01,,", "5,0,2.5"]),  # after the checkpoint, then torn
              (3, ["1"]),  # the torn start of row 12: its step reads 1 but it is not a row
              (2, ["3,0,2.3,0.5,0.0"])]  # torn inside the last field
     for keep, tail in cases:
         path.write_text("\r\n".join([head] + good[:keep] + tail) + "\r\n")
-        metrics = train._Metrics(path, step=3)
+        metrics = run._Metrics(path, step=3, columns=train.SkipNorms.columns)
         metrics.close()
         assert path.read_text().splitlines() == [head] + good[:keep], tail
     assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]
@@ -306,8 +306,8 @@ def test_disk_full_during_training_stops_with_a_clear_error(mnist, tmp_path, mon
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "save", save)
-    with cli._threads(1), pytest.raises(train.CheckpointError) as info:
-        train.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
+    with cli._threads(1), pytest.raises(run.CheckpointError) as info:
+        run.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
     message = str(info.value)
     assert info.value.errno == errno.ENOSPC and "No space left on device" in message
     assert f"cannot write checkpoint {tmp_path / 'checkpoint.npz'} at step 4" in message
@@ -364,7 +364,7 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
 
     model.zero_grad = zero_grad
     with cli._threads(1), pytest.raises(train.NonFiniteLoss) as info:
-        train.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
+        run.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
     message = str(info.value)
     assert message.startswith("loss is nan at step 6; first parameter with a non-finite "
                               "gradient: features.0.weight (16, 1, 3, 3); first parameter "
@@ -383,7 +383,7 @@ def test_inf_gradient_with_finite_loss_stops_before_the_update(mnist):
     bias.register_hook(lambda g: np.where(np.arange(g.size) == 2, np.inf, g).astype(g.dtype))
     before = _params(model)
     with cli._threads(1), pytest.raises(train.NonFiniteLoss) as info:
-        train.fit(model, loader, opt, progress=False)
+        run.fit(model, loader, opt, progress=False)
     assert str(info.value).startswith("gradient not finite at step 1 although the loss is "
                                       "finite (")
     assert "first parameter with a non-finite gradient: head.2.bias (10,)" in str(info.value)
@@ -404,8 +404,8 @@ def test_cli_nan_names_parameter_and_with_detect_anomaly_the_op(mnist_dir, tmp_p
     assert "step 3: anomaly: Conv2d forward produced" in err
     assert "from finite inputs; inputs (64, 16, 28, 28) float32, (16, 16, 3, 3) float32, " \
            "(16,) float32" in err and "(step 2)" in err
-    for run in "ab":
-        assert checkpoint.load(tmp_path / run / "checkpoint.npz")["step"] == 2
+    for folder in "ab":
+        assert checkpoint.load(tmp_path / folder / "checkpoint.npz")["step"] == 2
 
 
 # --- memory -------------------------------------------------------------------------------

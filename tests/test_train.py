@@ -12,7 +12,7 @@ import pytest
 
 import minires.ops as F
 from conftest import REPO, TRAIN_SMOKE_ACCURACY
-from minires import checkpoint, cli, data, models, optim, train
+from minires import checkpoint, cli, data, models, optim, run, train
 from minires.tensor import Tensor
 
 
@@ -42,8 +42,8 @@ def test_train_epoch_reduces_loss(mnist):
     plain = data.DataLoader(*[a[:512] for a in mnist[0]], batch_size=256, shuffle=False)
     before = train.evaluate(model, plain)
     records = []
-    result = train.train_epoch(model, loader, opt, sched, on_step=records.append,
-                               progress=False)
+    result = train.train_epoch(model, loader, opt, sched, progress=False,
+                               on_step=[train.SkipNorms(model.skip), records.append])
     after = train.evaluate(model, plain)
     assert after["loss"] < 0.5 * before["loss"] and after["accuracy"] > before["accuracy"]
     assert (result["steps"], result["images"]) == (16, 512)
@@ -87,17 +87,17 @@ def _weights(path):
 def test_resume_in_process_is_bit_identical(mnist, tmp_path, monkeypatch):
     hp = {"model": "seed", "lr": 3e-3}
     straight = _setup(mnist, epochs=2)
-    train.fit(*straight, epochs=2, out=tmp_path / "a", checkpoint_every=3, hparams=hp,
+    run.fit(*straight, epochs=2, out=tmp_path / "a", checkpoint_every=3, hparams=hp,
               progress=False)
     crashed = _setup(mnist, epochs=2)
     _crash_after(monkeypatch, 11)  # epoch 2 (8 steps per epoch), checkpoint at step 9
     with pytest.raises(KeyboardInterrupt):
-        train.fit(*crashed, epochs=2, out=tmp_path / "b", checkpoint_every=3, hparams=hp,
+        run.fit(*crashed, epochs=2, out=tmp_path / "b", checkpoint_every=3, hparams=hp,
                   progress=False)
     monkeypatch.undo()
     assert _weights(tmp_path / "b" / "checkpoint.npz")[0] == 9
     resumed = _setup(mnist, epochs=2)
-    result = train.fit(*resumed, epochs=2, out=tmp_path / "b", checkpoint_every=3,
+    result = run.fit(*resumed, epochs=2, out=tmp_path / "b", checkpoint_every=3,
                        resume=tmp_path / "b" / "checkpoint.npz", hparams=hp, progress=False)
     assert result["step"] == 16
     step_a, model_a, opt_a = _weights(tmp_path / "a" / "checkpoint.npz")
@@ -114,17 +114,17 @@ def test_resume_in_process_is_bit_identical(mnist, tmp_path, monkeypatch):
 
 def test_resume_refuses_other_model(mnist, tmp_path):
     model, loader, opt, sched = _setup(mnist, n=64)
-    train.fit(model, loader, opt, sched, out=tmp_path, hparams={"model": "seed"},
+    run.fit(model, loader, opt, sched, out=tmp_path, hparams={"model": "seed"},
               progress=False)
     path = tmp_path / "checkpoint.npz"
     model, loader, opt, sched = _setup(mnist, n=64)
-    with pytest.raises(train.ResumeError, match="model='seed' but this run has "
+    with pytest.raises(run.ResumeError, match="model='seed' but this run has "
                                                  "model='rezero'"):
-        train.fit(model, loader, opt, sched, resume=path, hparams={"model": "rezero"})
+        run.fit(model, loader, opt, sched, resume=path, hparams={"model": "rezero"})
     other = models.seed_net(channels=8)
     opt = optim.Adam(other.parameters())
-    with pytest.raises(train.ResumeError, match="does not fit this run"):
-        train.fit(other, loader, opt, optim.OneCycleLR(opt, 1e-3, 2), resume=path)
+    with pytest.raises(run.ResumeError, match="does not fit this run"):
+        run.fit(other, loader, opt, optim.OneCycleLR(opt, 1e-3, 2), resume=path)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(mnist, tmp_path):
@@ -140,7 +140,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(mnist, tmp_path):
     opt.step = poisoned_step
     with pytest.raises(train.NonFiniteLoss, match=r"loss is nan at step 6.*checkpoint\.npz "
                                                   r"\(step 4\)") as info:
-        train.fit(model, loader, opt, sched, out=tmp_path, checkpoint_every=2,
+        run.fit(model, loader, opt, sched, out=tmp_path, checkpoint_every=2,
                   progress=False)
     assert info.value.step == 6
     step, weights, _ = _weights(tmp_path / "checkpoint.npz")
@@ -199,5 +199,5 @@ def test_train_5000_images_reaches_threshold(mnist):
     opt = optim.SGD(model.parameters(), 0.05, momentum=0.9, nesterov=True)
     sched = optim.OneCycleLR(opt, 0.05, 3 * len(loader))
     test = data.DataLoader(xt, yt, batch_size=500, shuffle=False)
-    result = train.fit(model, loader, opt, sched, epochs=3, test_loader=test, progress=False)
+    result = run.fit(model, loader, opt, sched, epochs=3, test_loader=test, progress=False)
     assert result["test"]["accuracy"] >= TRAIN_SMOKE_ACCURACY
