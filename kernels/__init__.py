@@ -187,6 +187,31 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     return backend_for(gy).max_pool2d_backward(gy, argmax, tuple(x_shape), kernel, stride)
 
 
+def sgd_update(params, grads, bufs, fresh, lr, momentum, weight_decay, nesterov):
+    """One SGD step over lists of parameters, gradients and momentum buffers, in place, in one
+    launch per 16 tensors, where a multi-tensor kernel handles these arrays (CUDA); returns
+    True then. Returns False, changing nothing, otherwise (NumPy arrays, the reference
+    fallback, mixed dtypes or devices, non-contiguous arrays): the caller updates tensor by
+    tensor. fresh[k]: buffer k is new and is set to the gradient; bufs empty without momentum.
+    Semantics: minires.optim.SGD (torch.optim.SGD with dampening 0)."""
+    module = backend_for(params[0]) if params else None
+    fn = getattr(module, "sgd_update", None)
+    arrays = [*params, *grads, *bufs]
+    if fn is None or (momentum and len(bufs) != len(params)) or len(grads) != len(params):
+        return False
+    dtype = np.dtype(params[0].dtype)
+    if dtype not in _FLOATS or any(np.dtype(a.dtype) != dtype or not a.flags.c_contiguous
+                                   or is_device_array(a) != is_device_array(params[0])
+                                   for a in arrays):
+        return False
+    if any(a.shape != p.shape for group in (grads, bufs) for p, a in zip(params, group)):
+        raise ValueError("sgd_update: a gradient's or buffer's shape differs from its "
+                         "parameter's")
+    fn(list(params), list(grads), list(bufs), [bool(f) for f in fresh], float(lr),
+       float(momentum), float(weight_decay), bool(nesterov))
+    return True
+
+
 PUBLIC_KERNELS = ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
                   "relu_forward", "relu_backward", "residual_add_forward",
                   "residual_add_backward", "max_pool2d_forward", "max_pool2d_backward")

@@ -8,7 +8,7 @@ that changes device under existing state raises an error rather than mixing devi
 """
 import math
 
-from minires import backend
+from minires import backend, kernels
 from minires.tensor import Tensor
 
 
@@ -171,6 +171,39 @@ class SGD(Optimizer):
 
     def _required(self):
         return {"momentum_buffer"} if self.momentum else set()
+
+    def step(self):
+        """Update every parameter that has a gradient. On the GPU all of them in one kernel
+        launch (per 16 parameters: kernels.sgd_update); elsewhere, or where that kernel does
+        not apply, tensor by tensor (_update)."""
+        todo = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        if todo and backend.device_of(todo[0][1].data) == "cuda" and self._step_fused(todo):
+            self.steps += 1
+            return
+        super().step()
+
+    def _step_fused(self, todo):
+        """The multi-tensor update of `todo` [(index, parameter)]; False if it does not apply
+        (nothing changed then). New momentum buffers are allocated here and kept only when the
+        kernel ran; the state keeps its per-parameter layout (state_dict unchanged)."""
+        states = [self._state_for(i, p) for i, p in todo]
+        bufs, fresh = [], []
+        if self.momentum:
+            xp = backend.array_module(todo[0][1].data)
+            for (_, p), state in zip(todo, states):
+                buf = state.get("momentum_buffer")
+                fresh.append(buf is None)
+                bufs.append(xp.empty_like(p.data) if buf is None else buf)
+        else:
+            fresh = [False] * len(todo)
+        if not kernels.sgd_update([p.data for _, p in todo], [p.grad for _, p in todo], bufs,
+                                  fresh, self.lr, self.momentum, self.weight_decay,
+                                  self.nesterov):
+            return False
+        for state, buf, new in zip(states, bufs, fresh):
+            if new:
+                state["momentum_buffer"] = buf
+        return True
 
     def _update(self, p, g, state):
         if self.weight_decay:

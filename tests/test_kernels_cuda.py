@@ -27,6 +27,7 @@ def signatures(dtype):
     f = np.dtype(dtype).name
     a1, a4, i4 = f"{f}[::1]", f"{f}[:, :, :, ::1]", "int32[:, :, :, ::1]"
     ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
+    t16 = f"UniTuple({a1}, 16)"
     return {
         "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, {ints}, {a4})",
         "conv2d_backward_input_kernel": f"void({a4}, {a4}, {ints}, {a4})",
@@ -39,6 +40,9 @@ def signatures(dtype):
         "sum_kernel": f"void({a1}, {a1})",
         "max_pool2d_forward_kernel": f"void({a4}, {ints}, {a4}, {i4})",
         "max_pool2d_backward_kernel": f"void({a4}, {i4}, {ints}, {a4})",
+        # multi-tensor SGD: tuples of kernels.cuda.optim.TENSORS (16) flat arrays
+        "sgd_kernel": f"void({t16}, {t16}, {t16}, UniTuple(int64, 16), UniTuple(boolean, 16), "
+                      f"int64, {f}, {f}, {f}, boolean, boolean, boolean)",
     }
 
 

@@ -24,7 +24,7 @@ LAYERS = {
     "minires.gradcheck": ("minires.tensor", "minires.backend"),
     "minires.nn": ("minires.ops", "minires.tensor", "minires.backend"),
     "minires.models": ("minires.nn", "minires.ops", "minires.tensor", "minires.backend"),
-    "minires.optim": ("minires.tensor", "minires.backend"),
+    "minires.optim": ("minires.tensor", "minires.backend", "minires.kernels"),  # sgd_update
     "minires.data": ("minires.backend",),
     "minires.checkpoint": ("minires.tensor", "minires.backend"),
     "minires.viz": ("minires.tensor", "minires.backend"),  # graphs read duck-typed

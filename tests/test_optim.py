@@ -180,6 +180,58 @@ def test_state_lives_on_the_parameter_device(xp):
                                                                  1), **tol("fwd_f64"))
 
 
+# --- the multi-tensor GPU step (kernels.sgd_update) ---------------------------------------------
+def test_sgd_on_the_cpu_never_takes_the_multi_tensor_path(monkeypatch):
+    """CPU results stay those of the per-tensor code above: the fused kernel is not asked."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("kernels.sgd_update called on the CPU")
+    monkeypatch.setattr(optim.kernels, "sgd_update", refuse)
+    got, _ = _run(optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    assert got.dtype == np.float64
+
+
+def test_sgd_update_dispatch_declines_host_arrays():
+    p, g = np.ones(3, np.float32), np.ones(3, np.float32)
+    assert optim.kernels.sgd_update([p], [g], [], [False], 0.1, 0.0, 0.0, False) is False
+    assert np.array_equal(p, np.ones(3, np.float32))  # nothing changed
+
+
+def _sgd_pair(device, steps=3, dtype=np.float32, **kwargs):
+    """Parameters (host copies), momentum buffers and the state_dict keys after `steps` SGD
+    steps of 18 parameters of mixed shapes, one empty (two launches of 16 on the GPU), with the
+    same gradients on every device."""
+    rng = np.random.default_rng(3)
+    shapes = [(4, 3, 3, 3), (4,), (0,), (10, 36)] + [(i % 5 + 1,) for i in range(14)]
+    start = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+    params = [Parameter(minires.tensor(a, device=device).data) for a in start]
+    opt = optim.SGD(params, **kwargs)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = backend.to_device(g, device)
+        opt.step()
+    sd = opt.state_dict()
+    return [to_numpy(p.data) for p in params], {k: to_numpy(v) if hasattr(v, "shape") else v
+                                                for k, v in sd.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cupy_available(), reason="no usable GPU/CuPy")
+@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True),
+                                    dict(lr=0.1, momentum=0.9, weight_decay=1e-2)])
+def test_sgd_cuda_one_launch_matches_the_cpu(kwargs):
+    from minires.kernels import cuda
+    cuda.reset_launch_counts()
+    gpu, gpu_sd = _sgd_pair("cuda", **kwargs)
+    assert cuda.launch_counts() == {"sgd_kernel": 3 * 2}  # 3 steps x ceil(18 / 16) launches
+    cpu, cpu_sd = _sgd_pair("cpu", **kwargs)
+    assert gpu_sd.keys() == cpu_sd.keys()  # the state_dict format is the same
+    for a, b in zip(gpu, cpu):  # the GPU may contract a * b + c into one FMA: not bitwise
+        np.testing.assert_allclose(a, b, **tol("gpu_vs_cpu_f32"))
+    for k in cpu_sd:
+        np.testing.assert_allclose(gpu_sd[k], cpu_sd[k], **tol("gpu_vs_cpu_f32"))
+
+
 # --- schedules ----------------------------------------------------------------------------------
 def _lrs(schedule, n):
     out = [schedule.optimizer.lr]

@@ -3,11 +3,13 @@ kernels/reference.py's semantics. CuPy arrays in and out, no copies, on CuPy's c
 NumPy arrays only under the simulator (NUMBA_ENABLE_CUDASIM=1). Reductions are fixed trees
 (no atomics): deterministic.
 
-One module per family (conv, elementwise, pooling); _device holds the shared device helpers
-and the launch plumbing.
+One module per family (conv, elementwise, pooling; optim: the multi-tensor SGD update); _device
+holds the shared device helpers, the launch plumbing and the launch counter.
 """
-from . import conv, elementwise, pooling
+from . import conv, elementwise, optim, pooling
 from ._device import SIMULATOR  # noqa: F401 (tests and callers read it)
+from ._device import count_launches, launch_counts, reset_launch_counts  # noqa: F401
+from .optim import sgd_update  # noqa: F401 (multi-tensor update: CUDA only, not in __all__)
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .elementwise import (relu_backward, relu_forward, residual_add_backward,
                           residual_add_forward)
@@ -18,5 +20,5 @@ __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "max_pool2d_forward", "max_pool2d_backward"]
 
 # every @cuda.jit kernel, for the PTX compile tests
-KERNELS = tuple(getattr(m, name) for m in (conv, elementwise, pooling)
+KERNELS = tuple(getattr(m, name) for m in (conv, elementwise, optim, pooling)
                 for name in sorted(vars(m)) if name.endswith("_kernel"))

@@ -1,7 +1,13 @@
 """Shared pieces of the CUDA kernels: the simulator switch, block sizes, device helpers and
-the launch plumbing (argument checks, CuPy streams, flat views). Imports numpy, numba.cuda and
-kernels._common (CuPy lazily).
+the launch plumbing (argument checks, CuPy streams, flat views, the launch counter). Imports
+numpy, numba.cuda and kernels._common (CuPy lazily).
+
+Launch counter: every kernel launch made through `launch` adds one to LAUNCHES[kernel name],
+on a GPU and under the simulator alike. It counts minires's own numba.cuda kernels only; work
+that minires runs as plain CuPy operations (matmul, the loss, gradient sums...) launches CuPy's
+kernels, which this counter cannot see (bench/launches.py counts or estimates those).
 """
+import collections
 import contextlib
 import functools
 import warnings
@@ -82,12 +88,19 @@ def check_arrays(op, arrays):
     raise TypeError(f"kernels.cuda.{op}: expected {want}, got {kinds}")
 
 
+def _is_array(a):
+    return hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__")
+
+
 def launcher(func):
-    """Wrap launcher func(xp, *args): check its array arguments, run it on their device."""
+    """Wrap launcher func(xp, *args): check its array arguments (also those inside list or
+    tuple arguments), run it on their device."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        arrays = [a for a in (*args, *kwargs.values()) if hasattr(a, "__array_interface__")
-                  or hasattr(a, "__cuda_array_interface__")]
+        arrays = []
+        for a in (*args, *kwargs.values()):
+            arrays.extend(x for x in (a if isinstance(a, (list, tuple)) else (a,))
+                          if _is_array(x))
         xp = check_arrays(func.__name__, arrays)
         # outputs are allocated and kernels launched on the device that holds the inputs
         on_gpu = xp is not np and isinstance(arrays[0], xp.ndarray)
@@ -96,17 +109,69 @@ def launcher(func):
     return wrapper
 
 
+LAUNCHES = collections.Counter()  # kernel name -> launches made through launch()
+
+
+def kernel_name(kernel):
+    """The Python name of a @cuda.jit kernel (real dispatcher or simulator)."""
+    return (getattr(kernel, "py_func", None) or kernel.fn).__name__
+
+
+def launch_counts():
+    """{kernel name: launches} since the last reset_launch_counts(), a copy."""
+    return dict(LAUNCHES)
+
+
+def reset_launch_counts():
+    LAUNCHES.clear()
+
+
+@contextlib.contextmanager
+def count_launches():
+    """`with count_launches() as c:` c is a Counter of the launches made inside the block,
+    by kernel name (filled in when the block ends)."""
+    before, counts = collections.Counter(LAUNCHES), collections.Counter()
+    try:
+        yield counts
+    finally:
+        counts.update(LAUNCHES - before)
+
+
+@functools.lru_cache(maxsize=1024)
+def _configured(kernel, blocks, threads, ptr):
+    """kernel[blocks, threads, stream], made once per (kernel, grid, block, stream) on a GPU.
+
+    Numba builds a launch configuration (and a Stream wrapper) on every kernel[...]; this
+    keeps one per distinct launch. Not under the simulator, whose kernel[...] configures the
+    kernel object itself and returns it."""
+    return kernel[blocks, threads, cuda.external_stream(ptr) if ptr else 0]
+
+
+def _device_view(a):
+    """A CuPy array as a Numba device array without the stream sync Numba does by default
+    (also inside tuples); any other argument as is."""
+    if isinstance(a, tuple):
+        return tuple(_device_view(x) for x in a)
+    if is_device_array(a):
+        return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
+    return a
+
+
 def launch(xp, kernel, blocks, threads, *args):
     """kernel[blocks, threads](*args) on CuPy's current stream; nothing when blocks == 0.
+    Counted in LAUNCHES.
 
     CuPy arrays are viewed without the stream sync Numba does by default: the launch is on the
-    caller's stream, so order is kept and the host never waits. Other arguments pass as is."""
+    caller's stream, so order is kept and the host never waits. Tuples of arrays (the
+    multi-tensor kernels) are viewed element by element. Other arguments pass as is."""
     if blocks == 0:
         return
+    LAUNCHES[kernel_name(kernel)] += 1
+    if SIMULATOR:
+        kernel[blocks, threads](*args)
+        return
     ptr = 0 if xp is np else xp.cuda.get_current_stream().ptr  # 0: the legacy default stream
-    args = [cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
-            if is_device_array(a) else a for a in args]
-    kernel[blocks, threads, cuda.external_stream(ptr) if ptr else 0](*args)
+    _configured(kernel, blocks, threads, ptr)(*[_device_view(a) for a in args])
 
 
 def per_element(n):

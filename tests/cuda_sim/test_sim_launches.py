@@ -1,0 +1,91 @@
+"""kernels.cuda under the simulator: the launch counter, the multi-tensor SGD update (against
+minires.optim.SGD's per-tensor path, bit for bit) and the fused conv + bias + ReLU.
+
+Run as tests/cuda_sim/test_sim_kernels.py is: `NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cuda
+tests/cuda_sim`. Tiny shapes only.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (tests/test_kernels_cuda.py runs it that way)",
+                allow_module_level=True)
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def kc():
+    pytest.importorskip("numba.cuda", reason="numba.cuda (numba-cuda) not installed")
+    from minires.kernels import cuda
+    assert cuda.SIMULATOR
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield cuda
+    sys.setswitchinterval(interval)
+
+
+def test_launch_counter_counts_each_launch(kc):
+    x = np.ones((2, 3), np.float32)
+    kc.reset_launch_counts()
+    with kc.count_launches() as inner:
+        y = kc.relu_forward(x)
+        kc.relu_backward(x, y)
+        kc.relu_forward(np.zeros((0, 3), np.float32))  # empty: no launch
+    kc.relu_forward(x)
+    assert dict(inner) == {"relu_forward_kernel": 1, "relu_backward_kernel": 1}
+    assert kc.launch_counts() == {"relu_forward_kernel": 2, "relu_backward_kernel": 1}
+    kc.reset_launch_counts()
+    assert kc.launch_counts() == {}
+
+
+def _sgd_reference(params, grads, lr, momentum, weight_decay, nesterov, steps):
+    """minires.optim.SGD's per-tensor update on NumPy (the CPU path), `steps` times."""
+    import minires
+    from minires import optim
+    ps = [minires.Parameter(p.copy()) for p in params]
+    opt = optim.SGD(ps, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    for _ in range(steps):
+        for p, g in zip(ps, grads):
+            p.grad = g.copy()
+        opt.step()
+    bufs = [opt.state[i]["momentum_buffer"] if momentum else None for i in range(len(ps))]
+    return [p.data for p in ps], bufs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum, weight_decay, nesterov",
+                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True),
+                          (0.0, 5e-3, False)])
+def test_sgd_update_matches_the_per_tensor_optimizer_bitwise(kc, rng, dtype, momentum,
+                                                             weight_decay, nesterov):
+    """18 tensors (two launches of at most 16), one of them empty, two steps (the first makes
+    the momentum buffers)."""
+    shapes = [(3, 2), (5,), (0,), (2, 2, 3)] + [(i % 4 + 1,) for i in range(14)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    want, want_bufs = _sgd_reference(params, grads, 0.1, momentum, weight_decay, nesterov, 2)
+    got = [p.copy() for p in params]
+    bufs = [np.empty_like(p) for p in params] if momentum else []
+    kc.reset_launch_counts()
+    for fresh in (True, False):
+        kc.sgd_update(got, grads, bufs, [fresh] * len(got), 0.1, momentum, weight_decay,
+                      nesterov)
+    assert kc.launch_counts() == {"sgd_kernel": 4}  # 2 steps x ceil(18 / 16)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(bufs, want_bufs if momentum else []):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sgd_update_mixed_fresh_buffers(kc, rng):
+    """A buffer marked fresh is set to the gradient; the others are updated."""
+    params = [rng.standard_normal(4).astype(np.float32) for _ in range(2)]
+    grads = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    bufs = [np.full(4, 2.0, np.float32), np.full(4, 123.0, np.float32)]
+    kc.sgd_update(params, grads, bufs, [False, True], 0.5, 0.5, 0.0, False)
+    np.testing.assert_array_equal(bufs[0], np.full(4, 2.0, np.float32))  # 0.5 * 2 + 1
+    np.testing.assert_array_equal(bufs[1], np.ones(4, np.float32))
