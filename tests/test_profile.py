@@ -70,7 +70,7 @@ def test_kernel_ops_say_so_themselves():
                     module.__name__:
                 flagged |= {cls.__name__} if cls.uses_kernels else set()
                 calling |= {cls.__name__} if "kernels." in inspect.getsource(cls) else set()
-    assert flagged == calling == {"Conv2d", "ReLU", "MaxPool2d", "ResidualAdd"}
+    assert flagged == calling and {"Conv2d", "ReLU", "MaxPool2d", "ResidualAdd"} <= flagged
 
 
 def test_view_outputs_allocate_nothing(rng):
