@@ -29,9 +29,10 @@ def signatures(dtype):
     ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
     t16 = f"UniTuple({a1}, 16)"
     return {
-        "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, {ints}, {a4})",
-        "conv2d_backward_input_kernel": f"void({a4}, {a4}, {ints}, {a4})",
-        "conv2d_backward_weight_kernel": f"void({a4}, {a4}, {ints}, {a4}, {a1})",
+        "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, boolean, {ints}, {a4})",
+        "conv2d_backward_input_kernel": f"void({a4}, {a4}, boolean, {a4}, {ints}, {a4})",
+        "conv2d_backward_weight_kernel":
+            f"void({a4}, {a4}, boolean, {a4}, {ints}, {a4}, {a1})",
         "relu_forward_kernel": f"void({a1}, {a1})",
         "relu_backward_kernel": f"void({a1}, {a1}, {a1})",
         "residual_add_forward_kernel": f"void({a1}, {a1}, {a1}, boolean, boolean, {a1})",

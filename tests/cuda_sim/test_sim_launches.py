@@ -89,3 +89,48 @@ def test_sgd_update_mixed_fresh_buffers(kc, rng):
     kc.sgd_update(params, grads, bufs, [False, True], 0.5, 0.5, 0.0, False)
     np.testing.assert_array_equal(bufs[0], np.full(4, 2.0, np.float32))  # 0.5 * 2 + 1
     np.testing.assert_array_equal(bufs[1], np.ones(4, np.float32))
+
+
+# --- conv + bias + ReLU fused (the API of kernels.cpu.conv: relu=True forward, y= backward) ---
+FUSED = [((2, 3, 6, 5), (4, 3, 3, 3), (1, 1), (1, 1)), ((1, 2, 7, 5), (3, 2, 2, 3), (3, 2), (0, 1))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", FUSED)
+def test_conv_bias_relu_fused(kc, rng, dtype, x_shape, w_shape, stride, padding):
+    from conftest import fwd_tol
+    from minires.kernels import reference as ref
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    kc.reset_launch_counts()
+    y = kc.conv2d_forward(x, w, b, stride, padding, relu=True)
+    want = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
+    np.testing.assert_allclose(y, want, **fwd_tol(dtype, True))
+    assert (y == 0).any() and (y > 0).any()  # the mask is really exercised
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    g = ref.relu_backward(gy, y)
+    gx = kc.conv2d_backward_input(gy, w, x_shape, stride, padding, y=y)
+    np.testing.assert_allclose(gx, ref.conv2d_backward_input(g, w, x_shape, stride, padding),
+                               **fwd_tol(dtype, True))
+    gw, gb = kc.conv2d_backward_weight(gy, x, w_shape, stride, padding, True, y=y)
+    gw_ref, gb_ref = ref.conv2d_backward_weight(g, x, w_shape, stride, padding, True)
+    np.testing.assert_allclose(gw, gw_ref, **fwd_tol(dtype, True))
+    np.testing.assert_allclose(gb, gb_ref, **fwd_tol(dtype, True))
+    # one launch each: no relu kernels
+    assert kc.launch_counts() == {"conv2d_forward_kernel": 1, "conv2d_backward_input_kernel": 1,
+                                  "conv2d_backward_weight_kernel": 1}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_conv_relu_mask_propagates_nan_as_relu_backward(kc):
+    """A masked inf in gy gives NaN (inf * 0), as relu_backward: the fused backward equals
+    relu_backward followed by the plain conv backward, special values included."""
+    x = np.ones((1, 1, 3, 3), np.float32)
+    w = np.ones((1, 1, 1, 1), np.float32)
+    y = kc.conv2d_forward(x, w, np.array([-2.0], np.float32), (1, 1), (0, 0), relu=True)
+    assert (y == 0).all()
+    gy = np.full(y.shape, np.inf, np.float32)
+    gx = kc.conv2d_backward_input(gy, w, x.shape, (1, 1), (0, 0), y=y)
+    plain = kc.conv2d_backward_input(kc.relu_backward(gy, y), w, x.shape, (1, 1), (0, 0))
+    assert np.isnan(gx).all() and np.isnan(plain).all()
