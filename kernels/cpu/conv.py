@@ -1,8 +1,14 @@
-"""CPU convolution: the public conv2d kernels, their layouts (cached per shape) and the
-scratch each @njit loop of kernels/cpu/conv_loops.py needs.
+"""CPU convolution: the public conv2d kernels (optionally fused with a ReLU), their layouts
+(planned once per shape) and the packed weights and scratch the @njit loops of
+kernels/cpu/conv_loops.py need.
 
 Shapes: x (N, C, H, W), w (O, C, KH, KW), b (O,) or None, y / gy (N, O, OH, OW); stride and
 padding (int, int) pairs. Inputs may be non-contiguous; they are read, never modified.
+
+Forward and weight gradient correlate the packed input with the kernel taps directly. The
+input gradient of a stride-s convolution is s*s stride-1 correlations of gy, one per output
+phase (a, b) (rows h + ph = s*u + a): phase (a, b) uses only the taps (s*k + a, s*l + b), so
+no multiply is spent on the zeros that dilating gy by the stride would insert.
 """
 import collections
 import functools
@@ -10,99 +16,178 @@ import functools
 import numpy as np
 
 from . import conv_loops as cc
+from .conv_simd import COLS, ROWS, VBYTES
 from .memory import borrowed, launch, outputs, threads
 
-_GRID_TARGET = 1536  # direct: stack small images until a block's grid is about this long
-Plan = collections.namedtuple("Plan", "geo offs size length chunks threads")
+_GRID_TARGET = 1536  # stack small images until a block's grid is about this long
+# geo: the packed layout (conv_loops.Geo); jobs (J,) conv_loops.JOB; cols (J, K) buffer
+# positions per (channel, tap) of each job; taps: per job the (weight row, column) of each tap
+Plan = collections.namedtuple("Plan", "geo jobs cols taps chunks threads")
 
 
-def _blocks(nimg, per_block, nout, threads):
+def _blocks(nimg, per_block, nout_blocks, nthreads):
     """(images per block, output-channel chunks): about per_block images per block, the
-    block count a multiple of `threads` when there are enough images (even split), and
-    output channels split into chunks when there are too few blocks to keep threads busy."""
+    block count a multiple of the threads when there are enough images (even split), and
+    output-channel blocks split into chunks when there are too few blocks to keep threads
+    busy."""
     blocks = -(-nimg // max(1, per_block))
-    if blocks >= threads:
-        blocks = -(-blocks // threads) * threads
+    if blocks >= nthreads:
+        blocks = -(-blocks // nthreads) * nthreads
     nb = -(-nimg // blocks)
     blocks = -(-nimg // nb)
-    if blocks >= 2 * threads:
+    if blocks >= 2 * nthreads:
         return nb, 1
-    return nb, max(1, min(-(-nout // 2), -(-2 * threads // blocks)))
+    return nb, max(1, min(nout_blocks, -(-2 * nthreads // blocks)))
 
 
-def _frozen(*values):
-    a = np.array(values, dtype=np.int64)
-    a.flags.writeable = False  # shared by every call with this plan
-    return a
+def _round(n, unit):
+    return -(-n // unit) * unit
+
+
+def _layout(x_shape, pads, strides, grids, nout, itemsize, nthreads):
+    """(Geo without size/length, chunks) for packing x_shape (N, C, H, W) with pads (top,
+    left, bottom, right) split into stride phases, for jobs emitting grids [(oh, ow), ...].
+
+    Stride 1 packs compactly when the bottom/right padding can double as the next image's/
+    row's top/left padding and the output rows fit the shorter row pitch.
+    """
+    n, _, h, w = x_shape
+    top, left, bottom, right = pads
+    psh, psw = strides
+    hp, wp = h + top + bottom, w + left + right
+    wq = -(-wp // psw)
+    compact = (psh == psw == 1 and bottom >= top and right >= left
+               and all(ow <= wp - left for _, ow in grids))
+    if compact:
+        wq = wp - left
+        img = (hp - top) * wq
+    else:
+        img = -(-hp // psh) * wq
+    nb, chunks = _blocks(n, _GRID_TARGET // img, -(-nout // ROWS), nthreads)
+    lanes = VBYTES // itemsize
+    geo = cc.Geo(top=top, left=left, psh=psh, psw=psw, hp=hp, wp=wp, wq=wq, img=img,
+                 plane=0 if compact else nb * img, nb=nb, size=0, length=0,
+                 strip=COLS * lanes, lanes=lanes)
+    return geo, chunks
+
+
+def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps):
+    """The Plan: geo sized for every read and write, jobs, and each job's column positions."""
+    length = max(_round((geo.nb - 1) * geo.img + oh * geo.wq, geo.strip) for oh, _ in grids)
+    written = (geo.psh * geo.psw * geo.plane if geo.plane else
+               geo.nb * geo.img + geo.top * geo.wq)
+    read = max((max(o, default=0) for o in offsets), default=0) + length
+    geo = geo._replace(size=_round(max(written, read), 16), length=length)
+    k = max(nchannels * len(o) for o in offsets)
+    cols = np.zeros((len(offsets), max(k, 1)), np.int64)
+    for j, offs in enumerate(offsets):  # column c*T + t of job j reads channel c, tap t
+        cols[j, :nchannels * len(offs)] = (np.arange(nchannels)[:, None] * geo.size
+                                          + np.asarray(offs, np.int64)[None, :]).ravel()
+    return Plan(geo, None, cols, taps, chunks, nthreads)
+
+
+def _jobs(rows):
+    """A JOB record array from tuples (ncols, oh, ow, r0, rs, c0, cs)."""
+    jobs = np.array(rows, dtype=cc.JOB)
+    jobs.flags.writeable = False  # shared by every call with this plan
+    return jobs
 
 
 @functools.lru_cache(maxsize=256)
-def plan(kh, kw, top, left, dh, dw, psh, psw, hp, wp, oh, ow, nimg, nout, threads):
-    """Direct layout (see kernels/cpu/conv_loops.py): geo, tap offsets, the per-channel buffer
-    size S, the grid scratch length L, output-channel chunks.
-
-    Stride 1 with padding 0..K-1 on both sides packs compactly: a row's right padding is the
-    next row's left padding, an image's bottom padding the next image's top padding (rows
-    wp - left apart, images hp - top rows apart), so fewer grid positions are wasted.
-    """
-    hq, wq = -(-hp // psh), -(-wp // psw)
-    plane = hq * wq
-    img = psh * psw * plane
-    if psh == psw == dh == dw == 1 and 0 <= top < kh and 0 <= left < kw:
-        # (wider padding would make output rows longer than wq: no compaction then)
-        wq = plane = wp - left
-        img = (hp - top) * wq
-    nb, chunks = _blocks(nimg, _GRID_TARGET // img, nout, threads)
-    geo = _frozen(top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow, img, nb)
-    offs = _frozen(*[((i % psh) * psw + j % psw) * plane + (i // psh) * wq + j // psw
-                     for i in range(kh) for j in range(kw)])
-    # reads run past the last image by its bottom padding, a row, the taps and the rounding
-    size = -(-(nb * img + (max(top, 0) + 1) * wq + kw + 32) // 16) * 16
-    return Plan(geo, offs, size, nb * img + 16, chunks, threads)
-
-
-def forward_plan(x_shape, nout, kh, kw, stride, padding):
-    """Direct plan for correlating x with a (kh, kw) kernel: padded, split into phases."""
+def forward_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
+    """Plan for correlating x (x_shape) with an (nout, C, kh, kw) kernel: x padded and split
+    into stride phases; one job, taps in (i, j) order."""
     (sh, sw), (ph, pw) = stride, padding
-    hp, wp = x_shape[2] + 2 * ph, x_shape[3] + 2 * pw
-    return plan(kh, kw, ph, pw, 1, 1, sh, sw, hp, wp, (hp - kh) // sh + 1, (wp - kw) // sw + 1,
-                x_shape[0], nout, threads())
+    n, c, h, w = x_shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    geo, chunks = _layout(x_shape, (ph, pw, ph, pw), stride, [(oh, ow)], nout, itemsize,
+                          nthreads)
+    plane = geo.plane
+    offs = [((i % sh) * sw + j % sw) * plane + (i // sh) * geo.wq + j // sw
+            for i in range(kh) for j in range(kw)]
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    plan = _finish(geo, [(oh, ow)], [offs], c, nthreads, chunks, (tuple(taps),))
+    return plan._replace(jobs=_jobs([(c * kh * kw, oh, ow, 0, 1, 0, 1)]))
 
 
-def correlate(src, wt, bias, p, out_shape):
-    """Direct: fresh y (out_shape) = bias + correlation of src with wt (O, C, T) under p."""
-    dtype, n = src.dtype, p.threads
-    y = outputs.empty(out_shape, dtype=dtype)
-    specs = [(("pack", src.shape[1:], p.geo.tobytes(), p.size, n), (n, src.shape[1], p.size)),
-             (("grid", p.length, n), (n, 2, p.length))]
-    with borrowed(specs, dtype) as (bufs, accs):
-        launch(cc.correlate, src, wt, bias, p.geo, p.offs, y, bufs, accs, n, p.chunks)
-    return y
+def _phases(size, k, s, p, out):
+    """Per phase a of one axis of the input gradient: (a, taps, u0, u1), where input
+    rows s*u + a - p, u0 <= u <= u1, get taps s*i + a, i < taps, from gy rows u - i."""
+    phases = []
+    for a in range(s):
+        u0, u1 = -((a - p) // s), (p + size - 1 - a) // s
+        if u1 >= u0:
+            phases.append((a, len(range(a, k, s)), u0, u1))
+    before = max([t - 1 - u0 for _, t, u0, _ in phases if t] + [0])  # gy padding needed
+    after = max([u1 - (out - 1) for _, t, _, u1 in phases if t] + [0])
+    return phases, before, after
 
 
-def weight_grad(gy, x, w_shape, p):
-    """Direct: (gw (O, C, KH, KW), gb (O,)) as fresh arrays."""
-    nout, nin, kh, kw = w_shape
-    dtype, n = x.dtype, p.threads
-    specs = [(("pack", x.shape[1:], p.geo.tobytes(), p.size, n), (n, nin, p.size)),
-             (("gygrid", p.geo.tobytes(), n), (n, 2, p.length)),
-             (("parts", nout, nin, kh * kw, n), (n, nout + 1, nin, kh * kw)),
-             (("bparts", nout, n), (n, nout))]
-    with borrowed(specs, dtype) as arrays:
-        launch(cc.weight_grad, gy, x, p.geo, p.offs, *arrays, n, p.chunks)
-        return arrays[2][:, :nout].sum(axis=0).reshape(w_shape), arrays[3].sum(axis=0)
+@functools.lru_cache(maxsize=256)
+def input_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
+    """Plan for the input gradient: gy (N, nout, OH, OW) packed with the padding the phases
+    need; one job per (row phase, column phase)."""
+    (sh, sw), (ph, pw) = stride, padding
+    n, c, h, w = x_shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    rows, top, bottom = _phases(h, kh, sh, ph, oh)
+    cols_, left, right = _phases(w, kw, sw, pw, ow)
+    grids = [(u1 - u0 + 1, v1 - v0 + 1) for _, _, u0, u1 in rows for _, _, v0, v1 in cols_]
+    geo, chunks = _layout((n, nout, oh, ow), (top, left, bottom, right), (1, 1), grids, c,
+                          itemsize, nthreads)
+    offsets, taps, jobs = [], [], []
+    for a, ka, u0, u1 in rows:
+        for b, kb, v0, v1 in cols_:
+            offsets.append([(u0 - i + top) * geo.wq + (v0 - j + left)
+                            for i in range(ka) for j in range(kb)])
+            taps.append(tuple((sh * i + a, sw * j + b) for i in range(ka) for j in range(kb)))
+            jobs.append((nout * ka * kb, u1 - u0 + 1, v1 - v0 + 1, sh * u0 + a - ph, sh,
+                         sw * v0 + b - pw, sw))
+    plan = _finish(geo, grids, offsets, nout, nthreads, chunks, tuple(taps))
+    return plan._replace(jobs=_jobs(jobs))
+
+
+def _pack_weights(w, plan, by_input):
+    """wpk (J, OB, K, ROWS): job j's weight for output channel o (of the correlation) and
+    column k = (channel, tap) at [j, o // ROWS, k, o % ROWS], zero-padded.
+
+    by_input: the correlation's outputs are w's input channels (the input gradient).
+    """
+    nrows = w.shape[1] if by_input else w.shape[0]
+    nblocks = -(-nrows // ROWS)
+    wpk = np.zeros((len(plan.taps), nblocks, plan.cols.shape[1], ROWS), w.dtype)
+    for j, taps in enumerate(plan.taps):
+        if not taps:
+            continue
+        ii, jj = zip(*taps)
+        sub = w[:, :, list(ii), list(jj)]  # (O, C, T)
+        if by_input:
+            sub = sub.transpose(1, 0, 2)  # (C, O, T): outputs are input channels
+        flat = np.zeros((nblocks * ROWS, sub.shape[1] * sub.shape[2]), w.dtype)
+        flat[:nrows] = sub.reshape(nrows, -1)
+        wpk[j, :, :flat.shape[1]] = flat.reshape(nblocks, ROWS, -1).transpose(0, 2, 1)
+    return wpk
+
+
+def _correlate(src, mask, wpk, bias, relu, plan, out_shape):
+    """A fresh out (out_shape) from conv_loops.correlate under plan."""
+    geo, n = plan.geo, plan.threads
+    out = outputs.empty(out_shape, dtype=src.dtype)
+    bias_p = np.zeros(wpk.shape[1] * ROWS, src.dtype)
+    bias_p[:bias.shape[0]] = bias
+    specs = [(("pack", src.shape[1:], geo, n), (n, src.shape[1], geo.size)),
+             (("acc", geo.length, n), (n, ROWS, geo.length))]
+    with borrowed(specs, src.dtype) as (bufs, accs):
+        launch(cc.correlate, src, src if mask is None else mask, mask is not None, geo,
+               plan.jobs, plan.cols, wpk, bias_p, relu, out, bufs, accs, n, plan.chunks)
+    return out
 
 
 # --- the public kernels -----------------------------------------------------------------
-def _bias(b, n, dtype):
-    return np.zeros(n, dtype) if b is None else np.ascontiguousarray(b)
-
-
-# --- convolution --------------------------------------------------------------------------
 def _wide(kernel, padding):
     """True when padding exceeds KH - 1 or KW - 1: whole output rows then read nothing but
-    padding, which the kernels' padded layout does not cover (and backward-input's padding
-    K - 1 - P would be negative), so such rare calls pad explicitly and use padding 0."""
+    padding, which the compact layout and the phase plans do not cover, so such rare calls
+    pad explicitly and use padding 0."""
     return padding[0] > kernel[0] - 1 or padding[1] > kernel[1] - 1
 
 
@@ -111,42 +196,64 @@ def _pad(x, padding):
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
 
-def conv2d_forward(x, w, b, stride, padding):
-    """y (N, O, OH, OW) = cross-correlation of x (N, C, H, W) with w (O, C, KH, KW) + b."""
+def _mask(y):
+    return None if y is None else np.ascontiguousarray(y)
+
+
+def conv2d_forward(x, w, b, stride, padding, relu=False):
+    """y (N, O, OH, OW) = act(cross-correlation of x (N, C, H, W) with w (O, C, KH, KW) + b),
+    act ReLU when relu, else identity (the ReLU is applied as y is written: no extra pass)."""
     if _wide(w.shape[2:], padding):
-        return conv2d_forward(_pad(x, padding), w, b, stride, (0, 0))
+        return conv2d_forward(_pad(x, padding), w, b, stride, (0, 0), relu)
     x = np.ascontiguousarray(x)
-    nout, nin, kh, kw = w.shape
-    bias = _bias(b, nout, x.dtype)
-    p = forward_plan(x.shape, nout, kh, kw, stride, padding)
-    wt = np.ascontiguousarray(w).reshape(nout, nin, kh * kw)
-    return correlate(x, wt, bias, p, (x.shape[0], nout, int(p.geo[11]), int(p.geo[12])))
+    nout, _, kh, kw = w.shape
+    p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
+                     threads())
+    bias = np.zeros(nout, x.dtype) if b is None else np.asarray(b, x.dtype)
+    job = p.jobs[0]
+    return _correlate(x, None, _pack_weights(np.asarray(w, x.dtype), p, False), bias, relu, p,
+                      (x.shape[0], nout, int(job["oh"]), int(job["ow"])))
 
 
-def conv2d_backward_input(gy, w, x_shape, stride, padding):
-    """gx (N, C, H, W): gy dilated by the stride, padded by K - 1 - padding, correlated with
-    the flipped kernel with in/out channels swapped (a stride-1 convolution)."""
-    (sh, sw), (ph, pw) = stride, padding
+def conv2d_backward_input(gy, w, x_shape, stride, padding, y=None):
+    """gx (N, C, H, W) = x_shape: one stride-1 correlation of gy with the taps of each output
+    phase. y: the forward's ReLU output; gy is then multiplied by (y > 0) as it is packed."""
+    (ph, pw) = padding
     if _wide(w.shape[2:], padding):
         n, c, h, wd = x_shape
-        gx = conv2d_backward_input(gy, w, (n, c, h + 2 * ph, wd + 2 * pw), stride, (0, 0))
+        gx = conv2d_backward_input(gy, w, (n, c, h + 2 * ph, wd + 2 * pw), stride, (0, 0), y)
         return np.ascontiguousarray(gx[:, :, ph:ph + h, pw:pw + wd])
     gy = np.ascontiguousarray(gy)
     nout, nin, kh, kw = w.shape
-    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, KH, KW)
-    zeros = np.zeros(nin, gy.dtype)
-    h, wd = x_shape[2], x_shape[3]
-    p = plan(kh, kw, kh - 1 - ph, kw - 1 - pw, sh, sw, 1, 1, h + kh - 1, wd + kw - 1, h, wd,
-                gy.shape[0], nin, threads())
-    return correlate(gy, flipped.reshape(nin, nout, kh * kw), zeros, p, tuple(x_shape))
+    p = input_plan(tuple(x_shape), nout, kh, kw, tuple(stride), tuple(padding), gy.itemsize,
+                   threads())
+    wpk = _pack_weights(np.asarray(w, gy.dtype), p, True)
+    return _correlate(gy, _mask(y), wpk, np.zeros(nin, gy.dtype), False, p, tuple(x_shape))
 
 
-def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
-    """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions."""
+def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
+    """(gw (O, C, KH, KW), gb (O,) or None when not bias): sums over the batch and positions.
+    y: the forward's ReLU output; gy is then multiplied by (y > 0) as it is read."""
     if _wide(w_shape[2:], padding):
-        return conv2d_backward_weight(gy, _pad(x, padding), w_shape, stride, (0, 0), bias)
+        return conv2d_backward_weight(gy, _pad(x, padding), w_shape, stride, (0, 0), bias, y)
     gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
-    nout, _, kh, kw = w_shape
-    p = forward_plan(x.shape, nout, kh, kw, stride, padding)
-    gw, gb = weight_grad(gy, x, tuple(w_shape), p)
+    nout, nin, kh, kw = w_shape
+    p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
+                     threads())
+    geo, n = p.geo, p.threads
+    ncols = nin * kh * kw
+    cols = np.zeros(_round(ncols, COLS), np.int64)  # padding columns read position 0
+    cols[:ncols] = p.cols[0, :ncols]
+    nrows = _round(nout, ROWS)
+    # keys: what determines the positions written (and the thread count: the shape)
+    specs = [(("pack", x.shape[1:], geo, n), (n, nin, geo.size)),
+             (("gygrid", geo, n), (n, ROWS, geo.length)),
+             (("parts", nrows, cols.shape[0], n), (n, nrows, cols.shape[0])),
+             (("bparts", nrows, n), (n, nrows))]
+    mask = _mask(y)
+    with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
+        launch(cc.weight_grad, gy, gy if mask is None else mask, mask is not None, x, geo,
+               cols, parts, bparts, bufs, grids, n, p.chunks)
+        gw = parts.sum(axis=0)[:nout, :ncols].reshape(w_shape)
+        gb = bparts.sum(axis=0)[:nout]
     return gw, (gb if bias else None)

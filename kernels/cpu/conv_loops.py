@@ -1,272 +1,238 @@
-"""Numba @njit convolution loops on a flat "grid" layout; kernels/cpu/conv.py prepares the inputs.
+"""Numba @njit convolution loops on a flat "grid" layout; kernels/cpu/conv.py plans the layout
+and packs the weights.
 
-Imports numba only. Images are copied into a zero-padded per-thread buffer (split into stride
-phases), so every kernel tap is one long contiguous loop over the output grid.
+Imports numba and kernels/cpu/conv_simd.py (register tiles). The algorithm:
 
-Layout: geo is an int64 array (top, left, dh, dw, psh, psw, hq, wq, plane, hp, wp, oh, ow,
-img, nb) built by kernels/cpu/conv.py. Source pixel (h, w) of image b of a block lands at
-padded row r = top + h*dh, column q = left + w*dw (dropped outside [0, hp) x [0, wp)), in
-phase plane (r % psh) * psw + q % psw at flat position
-b*img + plane_index*plane + (r // psh)*wq + q // psw. Tap t reads offset offs[t] from the grid
-position b*img + oh*wq + ow of output (oh, ow); the other grid positions are garbage (never
-emitted; zero in the gy grid of the weight gradient). Small images are stacked nb to a block
-so that the loops stay long.
+1. pack: a block of `nb` images is copied, channel by channel, into a zero-padded buffer
+   (C, size), split into stride phases (pixel rows/columns r, q go to phase (r % psh, q % psw)
+   at (r // psh, q // psw)), so that for every kernel tap the inputs of all output positions
+   are one contiguous run: output (b, u, v) of the block sits at grid position
+   p = b*img + u*wq + v and tap t reads buffer position cols[k] + p, k = (c, t).
+2. correlate: for ROWS output channels and a strip of COLS vectors of grid positions, a
+   register tile starts at the bias and takes one broadcast-weight x vector outer product per
+   (input channel, tap); it is stored to an accumulator grid once per strip. `emit` copies the
+   valid positions to the output (N, O, OH, OW), applying ReLU when asked.
+3. weight_grad: gy (times the ReLU mask when asked) is copied onto the same grid (zero at the
+   positions that are not outputs); a tile of ROWS output channels x COLS (input channel, tap)
+   pairs accumulates gy * shifted input lane by lane over the grid, then adds its lanes into
+   per-thread partial sums (no atomics; the caller adds the threads' parts).
+
+Layout (Geo, built by kernels/cpu/conv.py): pixel (h, w) lands at padded (r, q) = (top + h,
+left + w), dropped outside [0, hp) x [0, wp), at buffer position
+(r % psh * psw + q % psw) * plane + b*img + (r // psh) * wq + q // psw. With stride 1 the
+layout is compact (plane unused): a row's right padding is the next row's left padding and an
+image's bottom padding the next image's top padding. Grid positions that are not outputs hold
+garbage and are never emitted. Jobs (a record array, JOB) let one launch compute several
+correlations over one packed buffer: the stride phases of the input gradient. Job j emits grid
+(u < oh, v < ow) to out[..., r0 + u*rs, c0 + v*cs].
 """
+import collections
+
+import numpy as np
 from numba import njit, prange
 
-# Forward sums are evaluated in a fixed order (contract only allows FMA); the weight gradient is
-# a reduction over positions, which vectorises only when it may be reassociated.
-_FMA = {"contract"}
-_REDUCE = {"contract", "reassoc", "nsz"}
+from .conv_simd import COLS, ROWS, tile_dot, tile_fma, tile_splat, tile_store, tile_sum_into
+
+Geo = collections.namedtuple(
+    "Geo", "top left psh psw hp wp wq img plane nb size length strip lanes")
+JOB = np.dtype([("ncols", np.int64), ("oh", np.int64), ("ow", np.int64), ("r0", np.int64),
+                ("rs", np.int64), ("c0", np.int64), ("cs", np.int64)])
 
 
 @njit(cache=True, nogil=True)
-def pack(src, n, buf, base, geo):
-    """Copy src[n] (C, H, W) into buf[:, base:] (C, S), padded and split into phases.
+def pack(src, mask, masked, n, buf, b, geo):
+    """Copy src[n] (C, H, W) into slot b of buf (C, size), padded and split into phases;
+    masked: values where mask[n] > 0 fails are multiplied by 0 (gy times the ReLU mask, mask
+    the ReLU output; inf or NaN there gives NaN, as kernels.reference.relu_backward).
 
     Positions never written keep the zeros they were created with.
     """
-    top, left, dh, dw, psh, psw, wq, plane, hp, wp = (geo[0], geo[1], geo[2], geo[3], geo[4],
-                                                      geo[5], geo[7], geo[8], geo[9], geo[10])
     height, width = src.shape[2], src.shape[3]
-    w0, w1 = max(0, -left), min(width, wp - left)  # columns that land inside, when dw == 1
+    zero = src.dtype.type(0)
     for c in range(src.shape[1]):
+        dst = buf[c]
         for h in range(height):
-            r = top + h * dh
-            if r < 0 or r >= hp:
+            r = geo.top + h
+            if r < 0 or r >= geo.hp:
                 continue
-            at = base + (r % psh) * psw * plane + (r // psh) * wq
-            if psw == 1 and dw == 1:  # a contiguous row; loops over views from 0 vectorise
-                dst, row = buf[c, at + left + w0:], src[n, c, h, w0:]
-                for w in range(w1 - w0):
-                    dst[w] = row[w]
-                continue
-            if psw == 2 and dw == 1 and left >= 0 and left + width <= wp:
-                for parity in range(2):  # every other column into each parity plane
-                    first = (parity - left) % 2
-                    dst = buf[c, at + parity * plane + (left + first) // 2:]
-                    row = src[n, c, h, first:]
-                    for k in range((width - first + 1) // 2):
-                        dst[k] = row[2 * k]
-                continue
-            for w in range(width):
-                q = left + w * dw
-                if 0 <= q < wp:
-                    buf[c, at + (q % psw) * plane + q // psw] = src[n, c, h, w]
+            at = (r % geo.psh) * geo.psw * geo.plane + b * geo.img + (r // geo.psh) * geo.wq
+            row, keep = src[n, c, h], mask[n, c, h]
+            for pq in range(geo.psw):  # each column phase: a contiguous run of the buffer
+                first = (pq - geo.left) % geo.psw  # first column w with (left + w) % psw == pq
+                stop = min(width, geo.wp - geo.left)
+                if first >= stop:
+                    continue
+                out = dst[at + pq * geo.plane + (geo.left + first) // geo.psw:]
+                step = geo.psw
+                if masked:
+                    for k in range((stop - first + step - 1) // step):
+                        v = row[first + k * step]
+                        out[k] = v if keep[first + k * step] > zero else v * zero
+                else:
+                    for k in range((stop - first + step - 1) // step):
+                        out[k] = row[first + k * step]
 
 
 @njit(cache=True, nogil=True)
-def _block(nimg, blk, geo):
-    """(first image, image count, grid length) of block blk; the length is rounded up to 16
-    so the vector loops have no scalar tail (the buffers have room for it)."""
-    nb, img = geo[14], geo[13]
-    n0 = blk * nb
-    cnt = min(nb, nimg - n0)
-    return n0, cnt, ((cnt - 1) * img + geo[11] * geo[7] + 15) // 16 * 16
-
-
-@njit(cache=True, nogil=True)
-def _pack_block(src, n0, cnt, buf, geo):
+def _pack_block(src, mask, masked, n0, cnt, buf, geo, clear):
+    """Pack images n0..n0+cnt-1 into slots 0..cnt-1; clear: zero the slots cnt..nb-1 (stale
+    from an earlier, fuller block), which the weight gradient reads (multiplied by 0)."""
     for b in range(cnt):
-        pack(src, n0 + b, buf, b * geo[13], geo)
-
-
-@njit(cache=True, nogil=True, fastmath=_FMA)
-def _taps9(x, k, wa, wb, a0, a1, length):
-    """a0[p] += sum_t wa[t] x[k[t] + p], a1 likewise with wb, for 9 taps t in one pass.
-
-    The 18 weights stay in registers; the sum is split in two chains to halve its latency.
-    """
-    x0, x1, x2, x3, x4 = x[k[0]:], x[k[1]:], x[k[2]:], x[k[3]:], x[k[4]:]
-    x5, x6, x7, x8 = x[k[5]:], x[k[6]:], x[k[7]:], x[k[8]:]
-    p0, p1, p2, p3, p4, p5, p6, p7, p8 = (wa[0], wa[1], wa[2], wa[3], wa[4], wa[5], wa[6],
-                                          wa[7], wa[8])
-    q0, q1, q2, q3, q4, q5, q6, q7, q8 = (wb[0], wb[1], wb[2], wb[3], wb[4], wb[5], wb[6],
-                                          wb[7], wb[8])
-    for p in range(length):
-        v0, v1, v2, v3, v4 = x0[p], x1[p], x2[p], x3[p], x4[p]
-        v5, v6, v7, v8 = x5[p], x6[p], x7[p], x8[p]
-        a0[p] = ((a0[p] + p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3)
-                 + (p4 * v4 + p5 * v5 + p6 * v6 + p7 * v7 + p8 * v8))
-        a1[p] = ((a1[p] + q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3)
-                 + (q4 * v4 + q5 * v5 + q6 * v6 + q7 * v7 + q8 * v8))
-
-
-@njit(cache=True, nogil=True, fastmath=_FMA)
-def _tap1(x, k, wa, wb, a0, a1, length):
-    """One tap for two output channels: a0[p] += wa x[k + p], a1[p] += wb x[k + p]."""
-    xs = x[k:]
-    for p in range(length):
-        v = xs[p]
-        a0[p] += wa * v
-        a1[p] += wb * v
+        pack(src, mask, masked, n0 + b, buf, b, geo)
+    if clear and cnt < geo.nb:
+        phases = 1 if geo.plane == 0 else geo.psh * geo.psw
+        for c in range(buf.shape[0]):
+            for ph in range(phases):
+                lo = ph * geo.plane + cnt * geo.img
+                hi = buf.shape[1] if geo.plane == 0 else ph * geo.plane + geo.nb * geo.img
+                buf[c, lo:hi] = 0
 
 
 @njit(cache=True, nogil=True)
-def _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length):
-    """a0[p] += sum_{c,t} wt[o0, c, t] buf[c, offs[t] + p]; a1 likewise for channel o1."""
-    ntaps = offs.shape[0]
-    for c in range(buf.shape[0]):
-        t = 0
-        while t + 9 <= ntaps:
-            _taps9(buf[c], offs[t:t + 9], wt[o0, c, t:t + 9], wt[o1, c, t:t + 9], a0, a1,
-                   length)
-            t += 9
-        while t < ntaps:
-            _tap1(buf[c], offs[t], wt[o0, c, t], wt[o1, c, t], a0, a1, length)
-            t += 1
+def _grid_length(cnt, oh, geo):
+    """Grid positions a block of cnt images needs, rounded up to whole strips (the buffers
+    have room for the rounding)."""
+    return ((cnt - 1) * geo.img + oh * geo.wq + geo.strip - 1) // geo.strip * geo.strip
 
 
 @njit(cache=True, nogil=True)
-def _emit(acc, y, n0, cnt, o, geo):
-    """y[n0 + b, o, i, j] = acc[b*img + i*wq + j]: the valid grid positions of a block."""
-    wq, img, ow = geo[7], geo[13], y.shape[3]
-    for b in range(cnt):
-        for i in range(y.shape[2]):
-            dst, row = y[n0 + b, o, i], acc[b * img + i * wq:]
-            for j in range(ow):
-                dst[j] = row[j]
+def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
+    """out[n0 + b, o0 + i, r0 + u*rs, c0 + v*cs] = act(acc[i, b*img + u*wq + v]), i < rows."""
+    zero = out.dtype.type(0)
+    for i in range(rows):
+        for b in range(cnt):
+            for u in range(job.oh):
+                src = acc[i, b * geo.img + u * geo.wq:]
+                dst = out[n0 + b, o0 + i, job.r0 + u * job.rs]
+                if job.cs == 1:  # a contiguous row: this loop vectorises
+                    row = dst[job.c0:]
+                    if relu:
+                        for v in range(job.ow):
+                            row[v] = zero if src[v] < zero else src[v]
+                    else:
+                        for v in range(job.ow):
+                            row[v] = src[v]
+                else:
+                    for v in range(job.ow):
+                        x = src[v]
+                        dst[job.c0 + v * job.cs] = zero if relu and x < zero else x
 
 
 @njit(cache=True, nogil=True)
-def _correlate_part(src, wt, bias, geo, offs, y, buf, a0, a1, first, stop, chunks):
-    """Work items first..stop-1 of correlate, on one thread's scratch."""
-    nimg, nout = src.shape[0], wt.shape[0]
-    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2  # even: pairs never straddle chunks
+def _correlate_part(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, buf, acc,
+                    first, stop, chunks):
+    """Work items first..stop-1 of correlate, on one thread's scratch (buf, acc)."""
+    nblocks = wpk.shape[1]
+    per = -(-nblocks // chunks)
     last = -1
     for task in range(first, stop):
-        n0, cnt, length = _block(nimg, task // chunks, geo)
-        if task // chunks != last:
-            _pack_block(src, n0, cnt, buf, geo)
-            last = task // chunks
-        lo = (task % chunks) * per
-        for o0 in range(lo, min(lo + per, nout), 2):
-            o1 = min(o0 + 1, nout - 1)  # odd O: the last pair repeats a channel
-            for p in range(length):
-                a0[p], a1[p] = bias[o0], bias[o1]
-            _correlate_pair(buf, wt, o0, o1, offs, a0, a1, length)
-            _emit(a0, y, n0, cnt, o0, geo)
-            _emit(a1, y, n0, cnt, o1, geo)
+        blk, chunk = task // chunks, task % chunks
+        n0 = blk * geo.nb
+        cnt = min(geo.nb, src.shape[0] - n0)
+        if blk != last:
+            _pack_block(src, mask, masked, n0, cnt, buf, geo, False)
+            last = blk
+        for j in range(jobs.shape[0]):
+            job = jobs[j]
+            length = _grid_length(cnt, job.oh, geo)
+            ks = cols[j]
+            for ob in range(chunk * per, min(nblocks, (chunk + 1) * per)):
+                ws = wpk[j, ob]
+                for p in range(0, length, geo.strip):
+                    t = tile_splat(bias, ob * ROWS, ROWS, COLS)
+                    for k in range(job.ncols):
+                        t = tile_fma(t, ws, k * ROWS, buf, ks[k] + p)
+                    tile_store(t, acc, p, geo.length)
+                rows = min(ROWS, out.shape[1] - ob * ROWS)
+                _emit(acc, rows, out, n0, cnt, ob * ROWS, job, geo, relu)
 
 
 @njit(cache=True, parallel=True)
-def correlate(src, wt, bias, geo, offs, y, bufs, accs, threads, chunks):
-    """y[n, o] = bias[o] + sum_{c,t} wt[o, c, t] * packed(src[n])[c, offs[t] + grid].
+def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, accs, threads,
+              chunks):
+    """out[n, o] = act(bias[o] + sum_k wpk[j, o // ROWS, k, o % ROWS] * packed(src[n])[cols[j,
+    k] + grid]) for every job j, emitted as the job says.
 
-    src (N, C, H, W), wt (O, C, T), bias (O,), y (N, O, OH, OW). bufs (threads, C, S) and
-    accs (threads, 2, L) are per-thread scratch. Work items are (block of images, chunk of
-    output channels), split statically over `threads`; a thread packs a block once per run.
-    The parallel body is one call (a small parfor compiles fast).
+    src, mask (N, C, H, W) (mask read only when masked); wpk (J, OB, K, ROWS) (output channels
+    in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bias (OB*ROWS,); out
+    (N, O, ., .). bufs (threads, C, size) and accs (threads, ROWS, length) are per-thread
+    scratch. Work items (block of images, chunk of output-channel blocks) are split statically
+    over `threads`; a thread packs a block once per run of its items. The parallel body is one
+    call (a small parfor compiles fast).
     """
-    tasks = -(-src.shape[0] // geo[14]) * chunks
+    tasks = -(-src.shape[0] // geo.nb) * chunks
     for th in prange(threads):
-        _correlate_part(src, wt, bias, geo, offs, y, bufs[th], accs[th, 0], accs[th, 1],
-                        th * tasks // threads, (th + 1) * tasks // threads, chunks)
-
-
-@njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _dot9(x, k, g0, g1, s0, s1, length):
-    """s0[t] += sum_p g0[p] x[k[t] + p] and s1 with g1, for 9 taps in one pass."""
-    x0, x1, x2, x3, x4 = x[k[0]:], x[k[1]:], x[k[2]:], x[k[3]:], x[k[4]:]
-    x5, x6, x7, x8 = x[k[5]:], x[k[6]:], x[k[7]:], x[k[8]:]
-    z = g0.dtype.type(0)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = z
-    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = b8 = z
-    for p in range(length):
-        u, w = g0[p], g1[p]
-        v0, v1, v2, v3, v4 = x0[p], x1[p], x2[p], x3[p], x4[p]
-        v5, v6, v7, v8 = x5[p], x6[p], x7[p], x8[p]
-        a0, a1, a2, a3, a4 = a0 + u * v0, a1 + u * v1, a2 + u * v2, a3 + u * v3, a4 + u * v4
-        a5, a6, a7, a8 = a5 + u * v5, a6 + u * v6, a7 + u * v7, a8 + u * v8
-        b0, b1, b2, b3, b4 = b0 + w * v0, b1 + w * v1, b2 + w * v2, b3 + w * v3, b4 + w * v4
-        b5, b6, b7, b8 = b5 + w * v5, b6 + w * v6, b7 + w * v7, b8 + w * v8
-    s0[0], s0[1], s0[2], s0[3], s0[4] = s0[0] + a0, s0[1] + a1, s0[2] + a2, s0[3] + a3, \
-        s0[4] + a4
-    s0[5], s0[6], s0[7], s0[8] = s0[5] + a5, s0[6] + a6, s0[7] + a7, s0[8] + a8
-    s1[0], s1[1], s1[2], s1[3], s1[4] = s1[0] + b0, s1[1] + b1, s1[2] + b2, s1[3] + b3, \
-        s1[4] + b4
-    s1[5], s1[6], s1[7], s1[8] = s1[5] + b5, s1[6] + b6, s1[7] + b7, s1[8] + b8
-
-
-@njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _dot1(x, k, g0, g1, length):
-    """(sum_p g0[p] x[k + p], sum_p g1[p] x[k + p])."""
-    xs = x[k:]
-    a = b = g0.dtype.type(0)
-    for p in range(length):
-        a += g0[p] * xs[p]
-        b += g1[p] * xs[p]
-    return a, b
+        _correlate_part(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs[th],
+                        accs[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
 
 
 @njit(cache=True, nogil=True)
-def _weight_pair(buf, g0, g1, offs, s0, s1, length):
-    """s0[c, t] += sum_p g0[p] buf[c, offs[t] + p] and s1 likewise with g1, for all c, t."""
-    ntaps = offs.shape[0]
-    for c in range(buf.shape[0]):
-        t = 0
-        while t + 9 <= ntaps:
-            _dot9(buf[c], offs[t:t + 9], g0, g1, s0[c, t:t + 9], s1[c, t:t + 9], length)
-            t += 9
-        while t < ntaps:
-            a, b = _dot1(buf[c], offs[t], g0, g1, length)
-            s0[c, t] += a
-            s1[c, t] += b
-            t += 1
-
-
-@njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _gy_grid(gy, n0, cnt, o, grid, length, geo):
-    """Copy gy[n0:n0+cnt, o] onto the block grid (other positions zero up to `length`, the
-    tail may hold a previous, larger block); return its sum (for the bias gradient)."""
-    wq, img = geo[7], geo[13]
-    s = grid.dtype.type(0)
-    end = (cnt - 1) * img + gy.shape[2] * wq
-    tail = grid[end:]
-    for p in range(length - end):
-        tail[p] = 0
+def _gy_grid(gy, mask, masked, n0, cnt, o, grid, end, length, geo):
+    """Copy gy[n0:n0+cnt, o] (times mask > 0 when masked) onto the grid row; zero it from the
+    last output to `length` (the tail may hold a fuller block's values); return its sum."""
+    zero = grid.dtype.type(0)
+    s = zero
+    grid[end:length] = 0
     for b in range(cnt):
-        for i in range(gy.shape[2]):
-            dst, row = grid[b * img + i * wq:], gy[n0 + b, o, i]
-            for j in range(gy.shape[3]):
-                dst[j] = row[j]
-                s += row[j]
+        for u in range(gy.shape[2]):
+            dst, row, keep = grid[b * geo.img + u * geo.wq:], gy[n0 + b, o, u], mask[n0 + b, o, u]
+            if masked:
+                for v in range(gy.shape[3]):
+                    x = row[v] if keep[v] > zero else row[v] * zero
+                    dst[v] = x
+                    s += x
+            else:
+                for v in range(gy.shape[3]):
+                    dst[v] = row[v]
+                    s += row[v]
     return s
 
 
 @njit(cache=True, nogil=True)
-def _weight_part(gy, src, geo, offs, buf, g0, g1, part, bpart, first, stop, chunks):
+def _weight_part(gy, mask, masked, src, geo, cols, part, bpart, buf, grid, first, stop, chunks):
     """Work items first..stop-1 of weight_grad, summed into one thread's part and bpart."""
-    nimg, nout = gy.shape[0], gy.shape[1]
-    per = ((nout + chunks - 1) // chunks + 1) // 2 * 2
+    nout = gy.shape[1]
+    nblocks = part.shape[0] // ROWS
+    per = -(-nblocks // chunks)
+    ncols = cols.shape[0]
     part[:] = 0
     bpart[:] = 0
+    zeros = np.zeros(ROWS, part.dtype)
     last = -1
     for task in range(first, stop):
-        n0, cnt, length = _block(nimg, task // chunks, geo)
-        if task // chunks != last:
-            _pack_block(src, n0, cnt, buf, geo)
-            last = task // chunks
-        lo = (task % chunks) * per
-        for o0 in range(lo, min(lo + per, nout), 2):
-            o1 = o0 + 1 if o0 + 1 < nout else nout  # odd O: row nout is a dummy
-            bpart[o0] += _gy_grid(gy, n0, cnt, o0, g0, length, geo)
-            if o1 < nout:
-                bpart[o1] += _gy_grid(gy, n0, cnt, o1, g1, length, geo)
-            _weight_pair(buf, g0, g1, offs, part[o0], part[o1], length)
+        blk, chunk = task // chunks, task % chunks
+        n0 = blk * geo.nb
+        cnt = min(geo.nb, src.shape[0] - n0)
+        if blk != last:
+            _pack_block(src, src, False, n0, cnt, buf, geo, True)
+            last = blk
+        end = (cnt - 1) * geo.img + gy.shape[2] * geo.wq
+        length = _grid_length(cnt, gy.shape[2], geo)
+        for ob in range(chunk * per, min(nblocks, (chunk + 1) * per)):
+            for i in range(ROWS):
+                if ob * ROWS + i < nout:
+                    bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt, ob * ROWS + i,
+                                                     grid[i], end, length, geo)
+                else:  # a padding channel of the last block: contributes nothing
+                    grid[i, :length] = 0
+            for kb in range(0, ncols, COLS):
+                t = tile_splat(zeros, 0, ROWS, COLS)
+                for p in range(0, length, geo.lanes):
+                    t = tile_dot(t, grid, p, geo.length, buf, cols, kb, p)
+                tile_sum_into(t, part, ob * ROWS * ncols + kb, ncols)
 
 
 @njit(cache=True, parallel=True)
-def weight_grad(gy, src, geo, offs, bufs, grids, parts, bparts, threads, chunks):
-    """parts[th, o, c, t] = thread th's share of sum_n sum_grid gy[n, o] *
-    packed(src[n])[c, offs[t] + grid]; bparts[th, o] its share of sum gy[n, o].
+def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, threads, chunks):
+    """parts[th, o, k] = thread th's share of sum_n sum_grid gy[n, o] * packed(src[n])[cols[k]
+    + grid] (gy times mask > 0 when masked); bparts[th, o] its share of sum gy[n, o].
 
-    gy (N, O, OH, OW), src (N, C, H, W). Scratch: bufs (threads, C, S), grids (threads, 2, L)
-    zero outside the valid positions; parts (threads, O + 1, C, T) (parts[:, O] absorbs the
-    dummy channel of an odd O) and bparts (threads, O), summed over threads by the caller:
-    no atomics.
+    gy, mask (N, O, OH, OW), src (N, C, H, W), cols (K,) buffer positions of the (input
+    channel, tap) pairs, K a multiple of COLS. Scratch: bufs (threads, C, size), grids
+    (threads, ROWS, length) zero outside the output positions; parts (threads, OB*ROWS, K),
+    bparts (threads, OB*ROWS), summed over threads by the caller.
     """
-    tasks = -(-gy.shape[0] // geo[14]) * chunks
+    tasks = -(-gy.shape[0] // geo.nb) * chunks
     for th in prange(threads):
-        _weight_part(gy, src, geo, offs, bufs[th], grids[th, 0], grids[th, 1], parts[th],
-                     bparts[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
+        _weight_part(gy, mask, masked, src, geo, cols, parts[th], bparts[th], bufs[th],
+                     grids[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
