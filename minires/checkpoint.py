@@ -3,6 +3,7 @@
 Arrays are stored under flattened keys ("model/conv1.weight"); the nesting and the scalars
 live in one JSON string entry. Imports only minires.backend, NumPy and the standard library.
 """
+import collections
 import glob
 import json
 import os
@@ -22,6 +23,9 @@ _HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,  # .npy header readers 
             (2, 0): np.lib.format.read_array_header_2_0}
 # What a damaged or hostile archive can raise while being parsed (zipfile and the .npy
 # header parser are not specific); each becomes one ValueError naming the file.
+# The most a checkpoint's members may declare in all: far above any minires model (ResNet-14
+# with Adam state: about 2 MB), far below what a decompression bomb would ask for.
+MAX_BYTES = 1 << 30
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, OverflowError,
                 RuntimeError, NotImplementedError, struct.error, zipfile.BadZipFile, zlib.error)
 
@@ -39,25 +43,143 @@ def save(obj, path):
     write_atomic(path, lambda f: _write_npz(f, arrays))
 
 
-def load(path):
+def load(path, max_bytes=None):
     """Read a file written by `save`: the same nesting, with NumPy arrays for the arrays.
 
     Never unpickles: a pickle, an object array, or a truncated/corrupted file raises
-    ValueError naming the path and the problem. Every member's CRC is verified and its
-    .npy header checked against its size before any array is read.
+    ValueError naming the path and the problem. Sizes are checked before anything is
+    inflated or allocated: every member's .npy header against its size, and their sum
+    against max_bytes (default MAX_BYTES); every member's CRC is verified as it is read.
     """
-    path = os.fspath(path)
-    arrays = _read_npz(path)
-    try:
-        meta = json.loads(str(arrays.pop(_META)))
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"unsupported format {meta.get('format')!r}")
-        return _decode(meta["tree"], arrays)
-    except KeyError as err:
-        raise ValueError(f"minires.load: {path} is not a minires checkpoint "
-                         f"(missing entry {err})") from err
-    except (ValueError, TypeError, AttributeError, RecursionError) as err:
-        raise ValueError(f"minires.load: {path} has a malformed index: {err}") from err
+    with Reader(path, max_bytes) as reader:
+        return reader.load()
+
+
+class Declared(collections.namedtuple("Declared", "shape dtype")):
+    """An array as its .npy header declares it (Reader.outline), before any data is read."""
+
+
+class Reader:
+    """An open checkpoint with its index and every member's .npy header read and checked,
+    but no array data: `outline()` is the nesting with Declared placeholders, `load()` reads
+    the arrays (once). A context manager; errors are ValueErrors as in `load`."""
+
+    def __init__(self, path, max_bytes=None):
+        self.path, self.zf = os.fspath(path), None
+        try:
+            self.headers = self._open(MAX_BYTES if max_bytes is None else max_bytes)
+            meta = json.loads(str(self._array(_META)))
+        except FileNotFoundError:
+            raise
+        except KeyError as err:
+            self.close()
+            raise ValueError(f"minires.load: {self.path} is not a minires checkpoint "
+                             f"(missing entry {err})") from err
+        except _READ_ERRORS as err:
+            self.close()
+            raise ValueError(f"minires.load: cannot read checkpoint {self.path}: "
+                             f"{err}") from err
+        self.tree = self._index(meta)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.zf is not None:
+            self.zf.close()
+
+    def _open(self, max_bytes):
+        """Open the zip; {key: (ZipInfo, Declared)} of every member, sizes checked."""
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError("not an .npz (zip) archive; pickles and other formats are "
+                                 "refused")
+        self.zf = zipfile.ZipFile(self.path)
+        headers, total = {}, 0
+        for info in self.zf.infolist():
+            total += info.file_size
+            if total > max_bytes:  # a decompression bomb, or not a minires model
+                raise ValueError(f"member {info.filename!r} takes the declared size to "
+                                 f"{total} bytes, over the limit of {max_bytes} (max_bytes)")
+            headers[_key(info.filename)] = (info, _header(self.zf, info))
+        return headers
+
+    def _index(self, meta):
+        try:
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"unsupported format {meta.get('format')!r}")
+            _decode(meta["tree"], self._declared())  # every array it names is there
+            return meta["tree"]
+        except KeyError as err:
+            self.close()
+            raise ValueError(f"minires.load: {self.path} is not a minires checkpoint "
+                             f"(missing entry {err})") from err
+        except (ValueError, TypeError, AttributeError, RecursionError) as err:
+            self.close()
+            raise ValueError(f"minires.load: {self.path} has a malformed index: "
+                             f"{err}") from err
+
+    def outline(self):
+        """The saved nesting with a Declared (shape, dtype) for each array; reads no data."""
+        return _decode(self.tree, self._declared())
+
+    def _declared(self):
+        return {k: d for k, (_, d) in self.headers.items() if k != _META}
+
+    def load(self):
+        """The saved nesting with its arrays read (each member's CRC verified)."""
+        try:
+            arrays = {k: self._array(k) for k in self.headers if k != _META}
+        except _READ_ERRORS as err:
+            raise ValueError(f"minires.load: cannot read checkpoint {self.path}: "
+                             f"{err}") from err
+        try:
+            return _decode(self.tree, arrays)
+        except (ValueError, TypeError, AttributeError, RecursionError) as err:
+            raise ValueError(f"minires.load: {self.path} has a malformed index: "
+                             f"{err}") from err
+
+    def _array(self, key):
+        """Read one member: exactly the bytes its header declares (checked against the
+        zip's size already), then the end of the member, where zipfile checks its CRC."""
+        info, declared = self.headers[key]
+        try:
+            with self.zf.open(info) as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+                f.read(1)  # reaches the end: zipfile compares the CRC-32 there
+        except zipfile.BadZipFile as err:
+            if "CRC" not in str(err):
+                raise
+            raise ValueError(f"member {info.filename!r} is corrupted (bad CRC-32)") from None
+        return array
+
+
+def _key(name):
+    if not name.endswith(".npy"):
+        raise ValueError(f"unexpected member {name!r} (a checkpoint holds .npy arrays only)")
+    return name[:-len(".npy")]
+
+
+def _header(zf, info):
+    """The Declared (shape, dtype) of one .npy member, read from its first bytes; refuses
+    object dtypes and headers whose size disagrees with the member's, before any data."""
+    name = info.filename
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _HEADERS:
+            raise ValueError(f"member {name!r} has unsupported .npy version {version}")
+        shape, _, dtype = _HEADERS[version](f)
+        if dtype.hasobject:
+            raise ValueError(f"member {name!r} is an object array; refused (loading it would "
+                             f"need pickle)")
+        expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != info.file_size:
+        raise ValueError(f"member {name!r} declares {shape} {dtype} ({expected} bytes) but "
+                         f"holds {info.file_size} bytes")
+    return Declared(tuple(shape), dtype)
 
 
 def _encode(value, key, arrays):
@@ -106,7 +228,7 @@ def _decode(node, arrays):
         items = [_decode(v, arrays) for v in body]
         return items if kind == "list" else tuple(items)
     if kind == "array":
-        if not isinstance(arrays[body], np.ndarray):
+        if not isinstance(arrays[body], (np.ndarray, Declared)):
             raise ValueError(f"entry {body!r} is not an array")
         return arrays[body]
     if kind in ("none", "bool", "int", "float", "str"):
@@ -165,43 +287,3 @@ def _fsync_folder(folder):
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _read_npz(path):
-    """Every member of the .npz at path as NumPy arrays, with errors turned into ValueError."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                raise ValueError("not an .npz (zip) archive; pickles and other formats are "
-                                 "refused")
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()  # reads every member: a flipped bit anywhere fails its CRC
-            if bad is not None:
-                raise ValueError(f"member {bad!r} is corrupted (bad CRC-32)")
-            return dict(_read_member(zf, info) for info in zf.infolist())
-    except FileNotFoundError:
-        raise
-    except _READ_ERRORS as err:
-        raise ValueError(f"minires.load: cannot read checkpoint {path}: {err}") from err
-
-
-def _read_member(zf, info):
-    """(key, array) of one .npy member, refusing object dtypes and sizes that disagree
-    with the header before reading (np.load would otherwise read a prefix, unchecked)."""
-    name = info.filename
-    if not name.endswith(".npy"):
-        raise ValueError(f"unexpected member {name!r} (a checkpoint holds .npy arrays only)")
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version not in _HEADERS:
-            raise ValueError(f"member {name!r} has unsupported .npy version {version}")
-        shape, _, dtype = _HEADERS[version](f)
-        if dtype.hasobject:
-            raise ValueError(f"member {name!r} is an object array; refused (loading it would "
-                             f"need pickle)")
-        expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if expected != info.file_size:
-        raise ValueError(f"member {name!r} declares {shape} {dtype} ({expected} bytes) but "
-                         f"holds {info.file_size} bytes")
-    with zf.open(info) as f:
-        return name[:-len(".npy")], np.lib.format.read_array(f, allow_pickle=False)

@@ -9,6 +9,7 @@ import pathlib
 import sys
 import tempfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -30,6 +31,12 @@ MIRRORS = [
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 ]
+# What each genuine file inflates to: no file is inflated further than this (a 6 MB .gz of
+# zeros can inflate to gigabytes before any other check could refuse it).
+BODY_BYTES = {"train-images-idx3-ubyte.gz": 16 + 60000 * 784,
+              "train-labels-idx1-ubyte.gz": 8 + 60000,
+              "t10k-images-idx3-ubyte.gz": 16 + 10000 * 784,
+              "t10k-labels-idx1-ubyte.gz": 8 + 10000}
 DOWNLOAD_TIMEOUT = 30.0  # seconds per connection attempt / read
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel mean and std (in [0, 1] units)
 
@@ -74,15 +81,40 @@ def load_mnist(split="train", root=None, download=True):
 
 
 def _read_idx(path, magic):
-    """Parse one IDX .gz file after checking gzip integrity, magic, dims, size and MD5."""
+    """Parse one IDX .gz file: its MD5 is taken from the compressed bytes, then it is
+    inflated in a stream, never past what its header promises nor past the genuine file's
+    size; gzip integrity, magic, dims and size are checked, then the MD5."""
+    limit = BODY_BYTES.get(path.name, 16 + 70000 * 784)
     try:
-        raw = path.read_bytes()
-        body = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        digest = _md5(path)
+        with gzip.open(path, "rb") as f:
+            body = _read_body(path, f, magic, limit)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise MnistError(f"MNIST file {path} is unreadable or truncated ({err}); "
                          f"delete it to download it again") from err
+    if path.name in MD5 and digest != MD5[path.name]:
+        raise MnistError(f"MNIST file {path}: MD5 {digest}, expected {MD5[path.name]}; "
+                         f"delete it to download it again")
+    ndim = 3 if magic == _IMAGE_MAGIC else 1
+    shape = tuple(np.frombuffer(body, dtype=">u4", count=1 + ndim).tolist()[1:])
+    return np.frombuffer(body, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _md5(path):
+    """MD5 hex digest of a file's bytes, read in 1 MiB chunks."""
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _read_body(path, f, magic, limit):
+    """The inflated IDX bytes from the open gzip stream f, after the header checks; reads
+    at most one byte past what the header promises (to see that nothing follows)."""
     ndim = 3 if magic == _IMAGE_MAGIC else 1
     header = 4 + 4 * ndim
+    body = f.read(header)
     if len(body) < header:
         raise MnistError(f"MNIST file {path}: {len(body)} bytes is too short for an IDX header")
     fields = np.frombuffer(body, dtype=">u4", count=1 + ndim).tolist()
@@ -93,14 +125,15 @@ def _read_idx(path, magic):
     if ndim == 3 and shape[1:] != (28, 28):
         raise MnistError(f"MNIST file {path}: images are {shape[1]}x{shape[2]}, expected 28x28")
     expected = header + int(np.prod(shape))
+    if expected > limit:
+        raise MnistError(f"MNIST file {path}: header says {shape[0]} items ({expected} bytes), "
+                         f"more than MNIST's {limit} bytes; delete it to download it again")
+    body += f.read(expected - header + 1)
     if len(body) != expected:
+        held = f"{len(body)} bytes" if len(body) < expected else "more"
         raise MnistError(f"MNIST file {path}: header says {shape[0]} items ({expected} bytes) "
-                         f"but the file holds {len(body)} bytes")
-    digest = hashlib.md5(raw).hexdigest()
-    if path.name in MD5 and digest != MD5[path.name]:
-        raise MnistError(f"MNIST file {path}: MD5 {digest}, expected {MD5[path.name]}; "
-                         f"delete it to download it again")
-    return np.frombuffer(body, dtype=np.uint8, offset=header).reshape(shape)
+                         f"but the file holds {held}")
+    return body
 
 
 def _missing_message(root, name, reason):

@@ -18,6 +18,7 @@ from minires.train import NonFiniteLoss
 CSV_FIELDS = train.FIELDS  # metrics.csv's columns, then those `columns=` adds
 CHECKPOINT_NAME = "checkpoint.npz"
 _KIND = "minires.train"  # marks a training checkpoint (vs. any file written by minires.save)
+_PARTS = {"step", "model", "optimizer", "scheduler", "loader", "rng"}  # what it must hold
 
 
 class ResumeError(ValueError):
@@ -35,31 +36,67 @@ class CheckpointError(OSError):
 
 
 class TrainingCheckpoint:
-    """A training checkpoint read from `path`: `.state` (what training_state returned),
-    `.hparams` and `.step`. Read once, then used for the settings and the restore."""
+    """An open training checkpoint: `.outline` (its nesting with checkpoint.Declared shapes
+    in place of arrays, read without any array data), `.hparams`, `.step`, and `.state`,
+    which reads the arrays the first time it is asked for (once) and closes the file."""
 
-    def __init__(self, path, state):
-        self.path, self.state = path, state
+    def __init__(self, path, reader):
+        self.path, self._reader, self._state = path, reader, None
+        self.outline = reader.outline()
 
     @property
     def hparams(self):
-        return self.state["hparams"]
+        return self.outline["hparams"]
 
     @property
     def step(self):
-        return self.state["step"]
+        return self.outline["step"]
+
+    @property
+    def state(self):
+        if self._state is None:
+            try:
+                self._state = self._reader.load()
+            except ValueError as err:
+                raise ResumeError(str(err)) from None
+            finally:
+                self._reader.close()
+        return self._state
 
 
 def read_checkpoint(path):
-    """The training checkpoint at `path`; ResumeError when unreadable or of another kind."""
+    """The training checkpoint at `path`, its index and array headers read and checked (no
+    array data yet); ResumeError when unreadable or of another kind."""
     try:
-        state = checkpoint.load(path)
+        reader = checkpoint.Reader(path)
     except (OSError, ValueError) as err:
         raise ResumeError(str(err)) from None
-    if not isinstance(state, dict) or state.get("kind") != _KIND \
-            or not isinstance(state.get("hparams"), dict):
+    outline = reader.outline()
+    if not isinstance(outline, dict) or outline.get("kind") != _KIND \
+            or not isinstance(outline.get("hparams"), dict) or not _PARTS <= set(outline):
+        reader.close()
         raise ResumeError(f"{path} is not a minires training checkpoint")
-    return TrainingCheckpoint(path, state)
+    return TrainingCheckpoint(path, reader)
+
+
+def _check_declared(model, declared):
+    """The checks of model.load_state_dict (same messages), on the shapes and dtypes the
+    checkpoint declares: a model that does not fit is refused before any data is read."""
+    own = model.state_dict()
+    declared = declared if isinstance(declared, dict) else {}
+    missing = [k for k in own if k not in declared]
+    unexpected = [k for k in declared if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"load_state_dict({type(model).__name__}): missing keys {missing}, "
+                         f"unexpected keys {unexpected}; nothing was loaded")
+    for key, target in own.items():
+        shape, dtype = getattr(declared[key], "shape", None), getattr(declared[key], "dtype", None)
+        if shape is not None and tuple(shape) != tuple(target.shape):
+            raise ValueError(f"load_state_dict: {key!r} has shape {tuple(shape)}, the model "
+                             f"expects {tuple(target.shape)}; nothing was loaded")
+        if dtype is not None and dtype != target.dtype:
+            raise ValueError(f"load_state_dict: {key!r} has dtype {dtype}, the model expects "
+                             f"{target.dtype}; nothing was loaded")
 
 
 def _rng_states(model):
@@ -98,14 +135,20 @@ def restore(source, model, optimizer, scheduler, loader, hparams=None):
     optimizer, scheduler and loader are left exactly as they were.
     """
     ck = source if isinstance(source, TrainingCheckpoint) else read_checkpoint(source)
-    path, state = ck.path, ck.state
+    path, outline = ck.path, ck.outline
     for key, value in (hparams or {}).items():
         if key in ck.hparams and ck.hparams[key] != value:
             raise ResumeError(f"{path} was written with {key}={ck.hparams[key]!r} but this "
                               f"run has {key}={value!r}")
-    if (state["scheduler"] is None) != (scheduler is None):
-        raise ResumeError(f"{path} has {'no ' if state['scheduler'] is None else ''}scheduler "
-                          f"state but this run has {'one' if scheduler is not None else 'none'}")
+    if (outline["scheduler"] is None) != (scheduler is None):
+        raise ResumeError(f"{path} has {'no ' if outline['scheduler'] is None else ''}"
+                          f"scheduler state but this run has "
+                          f"{'one' if scheduler is not None else 'none'}")
+    try:
+        _check_declared(model, outline["model"])
+    except ValueError as err:
+        raise ResumeError(_unfit(path, err)) from None
+    state = ck.state  # only now are the arrays read
     parts = [(model, "model"), (optimizer, "optimizer"), (loader, "loader")]
     parts += [(scheduler, "scheduler")] if scheduler is not None else []
     before = [obj.state_dict() for obj, _ in parts]  # to roll back a half-done restore
@@ -118,8 +161,14 @@ def restore(source, model, optimizer, scheduler, loader, hparams=None):
         for (obj, _), old in reversed(list(zip(parts, before))):  # optimizer's lr last
             obj.load_state_dict(old)
         _set_rng_states(model, rngs)
-        raise ResumeError(f"{path} does not fit this run: {err}; nothing was loaded") from None
+        raise ResumeError(_unfit(path, err)) from None
     return ck.step
+
+
+def _unfit(path, err):
+    """'<path> does not fit this run: <why>; nothing was loaded' (said once)."""
+    why = str(err).removesuffix("; nothing was loaded")
+    return f"{path} does not fit this run: {why}; nothing was loaded"
 
 
 class _Metrics:

@@ -1,8 +1,11 @@
 """The `minires` command line, called in process through cli.main(argv) (its exit code)."""
 import csv
+import errno
+import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -180,12 +183,77 @@ def test_resume_reads_the_checkpoint_once(mnist_dir, tmp_path, monkeypatch, caps
     """The settings and the restore come from one read of the file (also with --profile)."""
     argv = ["train", "--limit", "64", "--data", str(mnist_dir), "--threads", "1"]
     assert cli.main(argv + ["--out", str(tmp_path)]) == 0
-    reads, real = [], checkpoint.load
-    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: reads.append(a) or real(*a, **k))
+    calls = {"open": 0, "load": 0}
+    for name, method in (("open", "__init__"), ("load", "load")):
+        real = getattr(checkpoint.Reader, method)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(checkpoint.Reader, method, counted)
     ckpt = str(tmp_path / "checkpoint.npz")
     assert cli.main(argv + ["--resume", ckpt]) == 0
-    assert len(reads) == 1 and "resumed from" in capsys.readouterr().err
+    assert calls == {"open": 1, "load": 1} and "resumed from" in capsys.readouterr().err
     assert cli.main(argv + ["--resume", ckpt, "--profile", "1", "--out",
                             str(tmp_path / "p")]) == 0
-    assert len(reads) == 2
+    assert calls == {"open": 2, "load": 2}
 
+
+# --- failures and --profile ---------------------------------------------------------------
+def _fail_on(monkeypatch, target, attr, exc, after=0):
+    """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
+    real, calls = getattr(target, attr), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, fake)
+
+
+def test_cli_reports_a_failed_write_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    _fail_on(monkeypatch, tempfile, "mkstemp",
+             PermissionError(errno.EACCES, "Permission denied"), after=1)  # metrics ok
+    argv = ["train", "--limit", "64", "--data", str(mnist_dir), "--out", str(tmp_path),
+            "--threads", "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minires train: error: [Errno 13] cannot "
+                                               "write checkpoint")
+    assert "Permission denied" in err[0] and "no checkpoint was written" in err[0]
+
+
+def test_cli_nan_names_parameter_and_with_detect_anomaly_the_op(mnist_dir, tmp_path, capsys):
+    argv = ["train", "--limit", "256", "--data", str(mnist_dir), "--optimizer", "sgd",
+            "--lr", "1e4", "--schedule", "none", "--checkpoint-every", "1", "--threads", "1"]
+    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3; first parameter with a non-finite gradient: " \
+           "features.4.weight (16, 16, 3, 3); training stopped" in err and "(step 2)" in err
+    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--detect-anomaly"]) == 1
+    err = capsys.readouterr().err
+    assert "step 3: anomaly: Conv2d forward produced" in err
+    assert "from finite inputs; inputs (64, 16, 28, 28) float32, (16, 16, 3, 3) float32, " \
+           "(16,) float32" in err and "(step 2)" in err
+    for folder in "ab":
+        assert checkpoint.load(tmp_path / folder / "checkpoint.npz")["step"] == 2
+
+
+def test_train_profile_prints_table_and_writes_trace(mnist_dir, tmp_path, capsys):
+    argv = ["train", "--limit", "64", "--batch-size", "16", "--data", str(mnist_dir),
+            "--out", str(tmp_path), "--profile", "3", "--threads", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["Conv2d"][1] == "15" and rows["CrossEntropy"][1] == "3"  # 5 convs x 3 steps
+    assert "3 steps: " in out and "trace.json" in out
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    conv = [e for e in trace if e.get("name") == "Conv2d"]
+    assert sum(e["cat"] == "forward" for e in conv) == 15
+    assert sum(e["cat"] == "backward" for e in conv) == 15
+    assert sorted(os.listdir(tmp_path)) == ["trace.json"]  # no checkpoint, no metrics
+    assert cli.main(argv[:-4] + ["--profile", "0"]) == 2
+    assert "--profile must be >= 1" in capsys.readouterr().err

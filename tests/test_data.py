@@ -2,6 +2,7 @@
 import functools
 import gzip
 import http.server
+import re
 import shutil
 import threading
 
@@ -236,3 +237,47 @@ def test_loader_batches_land_on_the_device(xp, small):
         assert isinstance(x, xp.ndarray) and isinstance(y, xp.ndarray)
         np.testing.assert_array_equal(hx, backend.to_device(x, "cpu"))
         np.testing.assert_array_equal(hy, backend.to_device(y, "cpu"))
+
+
+# --- damaged MNIST files ------------------------------------------------------------------
+def _gz(transform):
+    def apply(path):
+        body = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(transform(body), compresslevel=1))
+    return apply
+
+
+MNIST_DAMAGE = {  # (file, damage, expected message after "MNIST file <path>")
+    "empty file": ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b""),
+                   r": 0 bytes is too short for an IDX header"),
+    "not gzip": ("t10k-labels-idx1-ubyte.gz",
+                 lambda p: p.write_bytes(gzip.decompress(p.read_bytes())),
+                 r" is unreadable or truncated .*Not a gzipped file"),
+    "gzip cut short": ("t10k-images-idx3-ubyte.gz",
+                       lambda p: p.write_bytes(p.read_bytes()[:-20]),
+                       r" is unreadable or truncated"),
+    "header only": ("t10k-images-idx3-ubyte.gz", _gz(lambda b: b[:12]),
+                    r": 12 bytes is too short for an IDX header"),
+    "wrong magic": ("t10k-labels-idx1-ubyte.gz", _gz(lambda b: b"\0\0\x08\x03" + b[4:]),
+                    r": magic number 2051, expected 2049 \(labels file\)"),
+    "wrong image size": ("t10k-images-idx3-ubyte.gz",
+                         _gz(lambda b: b[:8] + (32).to_bytes(4, "big") + b[12:]),
+                         r": images are 32x28, expected 28x28"),
+    "content truncated": ("t10k-images-idx3-ubyte.gz", _gz(lambda b: b[:-784]),
+                          r": header says 10000 items \(7840016 bytes\) but the file holds "
+                          r"7839232 bytes"),
+    "one pixel changed": ("t10k-images-idx3-ubyte.gz",
+                          _gz(lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+                          r": MD5 [0-9a-f]{32}, expected 9fb629c4189551a2d022fa330f9573f3"),
+}
+
+
+@pytest.mark.parametrize("case", MNIST_DAMAGE)
+def test_damaged_mnist_file_is_named(case, mnist_dir, tmp_path):
+    name, damage, message = MNIST_DAMAGE[case]
+    for other in data.FILES["test"]:
+        shutil.copy(mnist_dir / other, tmp_path / other)
+    damage(tmp_path / name)
+    where = re.escape(str(tmp_path / name))
+    with pytest.raises(data.MnistError, match=rf"^MNIST file {where}{message}"):
+        data.load_mnist("test", root=tmp_path, download=False)

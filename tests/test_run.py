@@ -1,32 +1,23 @@
-"""Reliability (issue 8). Faults: a CLI training run SIGKILLed at many points (inside a
-checkpoint's temp file, between its fsync and its rename, after the rename, between a metrics
-row and its checkpoint, during evaluation, at a random moment, twice in a row) resumes from
-its last complete checkpoint bit-identical to an unbroken run; a failed checkpoint write
-(disk full, permission denied) raises, keeps the previous one and leaves no temp file.
-Numerical faults (NaN/inf stop, anomaly detection), flat memory, `train --profile`.
-Hostile files and misuse: test_misuse.py."""
+"""minires.run (fit, metrics.csv, checkpoints, resume). Faults: a CLI training run SIGKILLed
+at many points (inside a checkpoint's temp file, between its fsync and its rename, after the
+rename, between a metrics row and its checkpoint, during evaluation, at a random moment, twice
+in a row) resumes from its last complete checkpoint bit-identical to an unbroken run; a disk
+full during training and a NaN stop name the last good checkpoint; a broken checkpoint passed
+to restore raises an error naming the problem and changes nothing."""
 import errno
-import gc
-import importlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import zipfile
 
 import numpy as np
 import pytest
 
-import minires.ops as F
 from conftest import REPO
-from minires import checkpoint, cli, data, models, optim, run, train
-from minires.anomaly import AnomalyError, detect_anomaly
-from minires.profile import profile
-from minires.tensor import Function, Tensor
+from minires import checkpoint, data, models, optim, run, runtime, train
 
-tensor_module = importlib.import_module("minires.tensor")  # `minires.tensor` is also a function
 
 # Runs `minires train` (argv after the fault) with one fault injected in its own process:
 # the process SIGKILLs itself at the named point of the n-th checkpoint write (or step n).
@@ -85,6 +76,8 @@ checkpoint.save, np.lib.format.write_array, os.replace = save, write_array, repl
 run._Metrics.__call__, train.evaluate = row, evaluate
 sys.exit(cli.main(argv))
 """
+
+
 # 256 images in batches of 16 for 2 epochs: 32 steps, a checkpoint every 2 steps (save k at
 # step 2k; the epoch end, step 16, is save 8).
 RUN = ["train", "--limit", "256", "--batch-size", "16", "--epochs", "2", "--threads", "1",
@@ -221,11 +214,7 @@ def test_resume_keeps_only_whole_rows_up_to_the_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]
 
 
-# --- checkpoint writes that fail ----------------------------------------------------------
-def _state(rng):
-    return {"step": 1, "w": rng.standard_normal((4, 3)), "m": {"b": np.arange(5)}}
-
-
+# --- failures during training -----------------------------------------------------
 def _fail_on(monkeypatch, target, attr, exc, after=0):
     """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
     real, calls = getattr(target, attr), []
@@ -237,52 +226,6 @@ def _fail_on(monkeypatch, target, attr, exc, after=0):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(target, attr, fake)
-
-
-FAILURES = {  # where a write can fail, and how
-    "disk full mid-write": (np.lib.format, "write_array",
-                            OSError(errno.ENOSPC, "No space left on device"), 1),
-    "disk full at fsync": (os, "fsync", OSError(errno.ENOSPC, "No space left on device"), 0),
-    "read-only folder": (tempfile, "mkstemp", PermissionError(errno.EACCES,
-                                                              "Permission denied"), 0),
-    "rename refused": (os, "replace", PermissionError(errno.EACCES, "Permission denied"), 0),
-}
-
-
-@pytest.mark.parametrize("case", FAILURES)
-def test_failed_write_raises_and_keeps_the_previous_checkpoint(case, tmp_path, rng,
-                                                               monkeypatch):
-    path = tmp_path / "ck.npz"
-    checkpoint.save(_state(rng), path)
-    before = path.read_bytes()
-    target, attr, exc, after = FAILURES[case]
-    _fail_on(monkeypatch, target, attr, exc, after)
-    with pytest.raises(OSError) as info:
-        checkpoint.save({"step": 2, "w": np.zeros((4, 3)), "m": {"b": np.ones(5)}}, path)
-    monkeypatch.undo()
-    assert info.value.errno == exc.errno
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.npz"]
-    assert checkpoint.load(path)["step"] == 1
-
-
-def test_really_read_only_folder(tmp_path, rng):
-    path = tmp_path / "ck.npz"
-    checkpoint.save(_state(rng), path)
-    before = path.read_bytes()
-    tmp_path.chmod(0o500)
-    try:
-        probe = tmp_path / "probe"
-        try:
-            probe.touch()
-            probe.unlink()
-            pytest.skip("chmod does not stop this user (root): see the simulated case")
-        except PermissionError:
-            pass
-        with pytest.raises(PermissionError):
-            checkpoint.save({"step": 2}, path)
-    finally:
-        tmp_path.chmod(0o700)
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.npz"]
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +249,7 @@ def test_disk_full_during_training_stops_with_a_clear_error(mnist, tmp_path, mon
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "save", save)
-    with cli._threads(1), pytest.raises(run.CheckpointError) as info:
+    with runtime.limit_threads(1), pytest.raises(run.CheckpointError) as info:
         run.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
     message = str(info.value)
     assert info.value.errno == errno.ENOSPC and "No space left on device" in message
@@ -317,19 +260,6 @@ def test_disk_full_during_training_stops_with_a_clear_error(mnist, tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "metrics.csv"]
 
 
-def test_cli_reports_a_failed_write_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
-    _fail_on(monkeypatch, tempfile, "mkstemp",
-             PermissionError(errno.EACCES, "Permission denied"), after=1)  # metrics ok
-    argv = ["train", "--limit", "64", "--data", str(mnist_dir), "--out", str(tmp_path),
-            "--threads", "1"]
-    assert cli.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minires train: error: [Errno 13] cannot "
-                                               "write checkpoint")
-    assert "Permission denied" in err[0] and "no checkpoint was written" in err[0]
-
-
-# --- numerical faults ---------------------------------------------------------------------
 def _setup(mnist, n=128, batch_size=16):
     x, y = mnist
     loader = data.DataLoader(x[:n], y[:n], batch_size=batch_size, seed=0)
@@ -363,7 +293,7 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
         real_zero()
 
     model.zero_grad = zero_grad
-    with cli._threads(1), pytest.raises(train.NonFiniteLoss) as info:
+    with runtime.limit_threads(1), pytest.raises(train.NonFiniteLoss) as info:
         run.fit(model, loader, opt, out=tmp_path, checkpoint_every=2, progress=False)
     message = str(info.value)
     assert message.startswith("loss is nan at step 6; first parameter with a non-finite "
@@ -377,165 +307,91 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
     assert saved["step"] == 4 and all(np.isfinite(w).all() for w in saved["model"].values())
 
 
-def test_inf_gradient_with_finite_loss_stops_before_the_update(mnist):
-    model, loader, opt = _setup(mnist)
-    bias = model.head[2].bias
-    bias.register_hook(lambda g: np.where(np.arange(g.size) == 2, np.inf, g).astype(g.dtype))
-    before = _params(model)
-    with cli._threads(1), pytest.raises(train.NonFiniteLoss) as info:
-        run.fit(model, loader, opt, progress=False)
-    assert str(info.value).startswith("gradient not finite at step 1 although the loss is "
-                                      "finite (")
-    assert "first parameter with a non-finite gradient: head.2.bias (10,)" in str(info.value)
-    assert info.value.parameter == "head.2.bias"
-    for name, value in _params(model).items():
-        np.testing.assert_array_equal(value, before[name])
+# --- broken checkpoints into a run: clear error, nothing changed --------------------------
+def _same(a, b):
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    return a == b
 
 
-def test_cli_nan_names_parameter_and_with_detect_anomaly_the_op(mnist_dir, tmp_path, capsys):
-    argv = ["train", "--limit", "256", "--data", str(mnist_dir), "--optimizer", "sgd",
-            "--lr", "1e4", "--schedule", "none", "--checkpoint-every", "1", "--threads", "1"]
-    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 1
-    err = capsys.readouterr().err
-    assert "loss is nan at step 3; first parameter with a non-finite gradient: " \
-           "features.4.weight (16, 16, 3, 3); training stopped" in err and "(step 2)" in err
-    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--detect-anomaly"]) == 1
-    err = capsys.readouterr().err
-    assert "step 3: anomaly: Conv2d forward produced" in err
-    assert "from finite inputs; inputs (64, 16, 28, 28) float32, (16, 16, 3, 3) float32, " \
-           "(16,) float32" in err and "(step 2)" in err
-    for folder in "ab":
-        assert checkpoint.load(tmp_path / folder / "checkpoint.npz")["step"] == 2
-
-
-# --- memory -------------------------------------------------------------------------------
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2**20
-
-
-def _live(cls):
-    # type(o), not isinstance: some modules' objects warn when their __class__ is read
-    return sum(1 for o in gc.get_objects() if issubclass(type(o), cls))
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
-def test_thousand_steps_keep_memory_flat(mnist):
-    """1,000 steps of the CLI's seed net (batch 8, Adam, one thread): resident memory after
-    a 100-step warm-up grows by less than MEMORY_SLACK_MB (measured: about 0.1 MB; one
-    leaked activation per step would add over 300 MB)."""
+def _run(mnist, model="seed", channels=16, opt="adam", batch_size=16, steps=2):
+    """(model, optimizer, scheduler, loader) after `steps` training steps."""
     x, y = mnist
-    loader = data.DataLoader(x[:512], y[:512], batch_size=8, seed=0)
-    model = cli.MODELS["seed"](0)
-    opt = optim.Adam(model.parameters(), 1e-3)
-    rss, step = [], 0
-    with cli._threads(1):
-        while step < 1000:
-            for xb, yb in loader:
-                train.train_step(model, xb, yb, opt, step=step + 1)
-                step += 1
-                if step % 100 == 0:
-                    rss.append(_rss_mb())
-                if step == 1000:
-                    break
-    assert max(rss[1:]) - rss[0] < MEMORY_SLACK_MB, rss
+    loader = data.DataLoader(x[:64], y[:64], batch_size=batch_size, seed=0)
+    net = (models.seed_net(channels=channels, rng=0) if model == "seed" else
+           models.resnet(depth=8, rng=0))
+    optimizer = (optim.Adam(net.parameters(), 1e-3) if opt == "adam" else
+                 optim.SGD(net.parameters(), 0.01, momentum=0.9))
+    sched = optim.OneCycleLR(optimizer, 1e-3, 8)
+    with runtime.limit_threads(1):
+        for _, (xb, yb) in zip(range(steps), loader):
+            train.train_step(net, xb, yb, optimizer, sched)
+    return net, optimizer, sched, loader
 
 
-MEMORY_SLACK_MB = 3.0
+def _everything(job):
+    net, optimizer, sched, loader = job
+    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": sched.state_dict(), "loader": loader.state_dict(),
+            "lr": optimizer.lr}
 
 
-def test_no_tensor_or_function_survives_a_step(mnist):
-    """With the cycle collector off, a training step leaves no Function and no new Tensor
-    behind: the graph is freed by reference counting alone (no cycles)."""
-    x, y = mnist
-    model = cli.MODELS["seed"](0)
-    opt = optim.Adam(model.parameters(), 1e-3)
-    xb, yb = data.DataLoader(x[:8], y[:8], batch_size=8).images, y[:8]
-    with cli._threads(1):
-        train.train_step(model, xb, yb, opt)  # state created: the optimizer's moments
-        gc.collect()
-        gc.disable()
-        try:
-            tensors, functions = _live(Tensor), _live(Function)
-            train.train_step(model, xb, yb, opt)
-            assert (_live(Tensor), _live(Function)) == (tensors, functions)
-        finally:
-            gc.enable()
-    assert functions == 0 and tensors == len(opt.params)  # only the Parameters
+def _write(job, path, hparams):
+    checkpoint.save(run.training_state(*job, step=3, hparams=hparams), path)
+    return path
 
 
-# --- anomaly detection --------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns, too
-def test_detect_anomaly_names_the_forward_op():
-    x = Tensor(np.array([1.0, -1.0, 4.0], np.float32), requires_grad=True)
-    with detect_anomaly(), pytest.raises(AnomalyError) as info:
-        F.log(x * 2.0)
-    err = info.value
-    assert (err.op, err.phase, err.shapes) == ("Log", "forward", ((3,),))
-    assert str(err) == ("anomaly: Log forward produced 1 NaN and 0 inf values from finite "
-                        "inputs; inputs (3,) float32")
+def _truncated(mnist, path):
+    raw = _write(_run(mnist, steps=3), path, {"model": "seed"}).read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns, too
-def test_detect_anomaly_names_the_backward_op():
-    x = Tensor(np.array([0.0, 1.0], np.float64), requires_grad=True)
-    with detect_anomaly():
-        y = F.pow(x, 0.5)  # finite forward; d/dx at 0 is infinite
-        with pytest.raises(AnomalyError) as info:
-            F.sum(y).backward()
-    err = info.value
-    assert (err.op, err.phase, err.shapes) == ("Pow", "backward", ((2,),))
-    assert "Pow backward produced 0 NaN and 1 inf values in the gradient of input 0, from a " \
-           "finite incoming gradient" in str(err)
+def _flipped(mnist, path):
+    _write(_run(mnist, steps=3), path, {"model": "seed"})
+    raw = bytearray(path.read_bytes())
+    info = zipfile.ZipFile(path).getinfo("model/features.2.weight.npy")
+    raw[info.header_offset + 300] ^= 0x10  # one bit of a weight
+    path.write_bytes(bytes(raw))
 
 
-def test_detect_anomaly_blames_a_non_finite_leaf():
-    layer = models.seed_net(rng=0).head[2]
-    layer.weight.data[0, 0] = np.inf
-    with detect_anomaly(), pytest.raises(AnomalyError, match=r"^anomaly: Linear forward "
-                                         r"produced .* its input 1 was already non-finite"):
-        layer(Tensor(np.ones((2, 144), np.float32)))
+BROKEN = {  # how the file is made -> the error (this run: seed net, Adam, batch 16)
+    "truncated": (_truncated, r"cannot read checkpoint .*ck\.npz"),
+    "bit-flipped": (_flipped, r"member 'model/features\.2\.weight\.npy' is corrupted "
+                              r"\(bad CRC-32\)"),
+    "wrong model name": (lambda m, p: _write(_run(m), p, {"model": "rezero"}),
+                         r"written with model='rezero' but this run has model='seed'"),
+    "wrong architecture": (lambda m, p: _write(_run(m, model="resnet"), p, {}),
+                           r"does not fit this run: load_state_dict\(Net\): missing keys "
+                           r"\['features\.0\.weight'"),
+    "wrong shape": (lambda m, p: _write(_run(m, channels=8), p, {}),
+                    r"'features\.0\.weight' has shape \(8, 1, 3, 3\), the model expects "
+                    r"\(16, 1, 3, 3\); nothing was loaded"),
+    "wrong optimizer": (lambda m, p: _write(_run(m, opt="sgd"), p, {}),  # model part fits
+                        r"Adam\.load_state_dict: unexpected key 'state\.0\.momentum_buffer'"),
+    "wrong batching": (lambda m, p: _write(_run(m, batch_size=32), p, {}),  # model+opt fit
+                       r"saved batch_size=32 but this loader has batch_size=16"),
+}
 
 
-def test_detect_anomaly_changes_nothing_and_restores_the_observer(mnist):
-    """Same gradients with and without detection; nested in a profiler, both observers see
-    every op, and each block restores the observer it found."""
-    x, y = mnist
-    xb = data.DataLoader(x[:8], y[:8], batch_size=8).images
-
-    def grads():
-        model = models.seed_net(rng=0)
-        F.cross_entropy(model(Tensor(xb)), y[:8]).backward()
-        return [p.grad for p in model.parameters()]
-
-    plain = grads()
-    with profile() as prof:
-        with detect_anomaly() as detector:
-            assert tensor_module._observer is detector
-            checked = grads()
-        assert tensor_module._observer is prof
-    assert tensor_module._observer is None
-    for a, b in zip(plain, checked):
-        np.testing.assert_array_equal(a, b)
-    assert sum(r["calls"] for r in prof.stats() if r["op"] == "Conv2d") == 5
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_checkpoint_changes_nothing(case, mnist, tmp_path):
+    make, message = BROKEN[case]
+    path = tmp_path / "ck.npz"
+    make(mnist, path)
+    job = _run(mnist)
+    before = _everything(job)
+    with pytest.raises(run.ResumeError, match=message):
+        run.restore(path, *job, hparams={"model": "seed"})
+    assert _same(before, _everything(job))  # every parameter, moment, position, lr
 
 
-# --- train --profile N --------------------------------------------------------------------
-def test_train_profile_prints_table_and_writes_trace(mnist_dir, tmp_path, capsys):
-    argv = ["train", "--limit", "64", "--batch-size", "16", "--data", str(mnist_dir),
-            "--out", str(tmp_path), "--profile", "3", "--threads", "1"]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert rows["Conv2d"][1] == "15" and rows["CrossEntropy"][1] == "3"  # 5 convs x 3 steps
-    assert "3 steps: " in out and "trace.json" in out
-    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-    conv = [e for e in trace if e.get("name") == "Conv2d"]
-    assert sum(e["cat"] == "forward" for e in conv) == 15
-    assert sum(e["cat"] == "backward" for e in conv) == 15
-    assert sorted(os.listdir(tmp_path)) == ["trace.json"]  # no checkpoint, no metrics
-    assert cli.main(argv[:-4] + ["--profile", "0"]) == 2
-    assert "--profile must be >= 1" in capsys.readouterr().err
+def test_good_checkpoint_does_change_the_run(mnist, tmp_path):
+    """The control for the test above: a fitting checkpoint from a later step loads."""
+    path = _write(_run(mnist, steps=3), tmp_path / "ck.npz", {"model": "seed"})
+    job = _run(mnist)
+    before = _everything(job)
+    assert run.restore(path, *job, hparams={"model": "seed"}) == 3
+    assert not _same(before, _everything(job))
+    assert _same(_everything(_run(mnist, steps=3)), _everything(job))
