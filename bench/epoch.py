@@ -17,14 +17,10 @@ import numpy as np
 
 import minires
 from minires import cli, data, models, runtime, train
+from minires.run import fit
 from bench import common
 from bench._torch_models import mirror
 from bench.step import sgemm_peak
-
-try:  # fit moved from minires.train to minires.run; the fallback serves checkouts before it
-    from minires.run import fit as _fit
-except ImportError:  # pragma: no cover - older checkouts
-    from minires.train import fit as _fit
 
 DIVERGED_ACCURACY = 0.20  # below this test accuracy a run counts as diverged ...
 ACCURACY_CHECK_STEPS = 200  # ... once it has trained this many steps (fewer: no verdict)
@@ -75,8 +71,8 @@ def _lr_values(run, total_steps):
 def _job_callbacks(recipe, model):
     """fit's on_step/columns arguments as the recipe's job passes them: `minires train`
     records the seed net's skip gradient norms (x_in, x_res) in metrics.csv every step."""
-    if not recipe["skip_norms"] or not hasattr(train, "SkipNorms"):
-        return {}  # (before train.SkipNorms the seed net's Residual recorded them itself)
+    if not recipe["skip_norms"]:
+        return {}
     norms = train.SkipNorms(getattr(model, "skip", None))
     return {"on_step": norms, "columns": norms.columns}
 
@@ -137,9 +133,9 @@ def minires_round(ctx, loader, test_loader, rnd):
         ctx["sync"]()
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         try:
-            result = _fit(model, loader, opt, sched, epochs=1, out=out,
-                          checkpoint_every=recipe["checkpoint_every"], progress=False,
-                          hparams=run, **_job_callbacks(recipe, model))
+            result = fit(model, loader, opt, sched, epochs=1, out=out,
+                         checkpoint_every=recipe["checkpoint_every"], progress=False,
+                         hparams=run, **_job_callbacks(recipe, model))
             steps, images, seconds = result["step"], result["images"], result["train_seconds"]
         except train.NonFiniteLoss as err:
             diverged = f"non-finite loss or gradient at step {err.step}"
