@@ -1,4 +1,5 @@
-"""The one dispatch point for minires's hot kernels: conv2d, relu, residual_add, max_pool2d.
+"""The one dispatch point for minires's hot kernels: conv2d, relu, residual_add, max_pool2d,
+batch_norm.
 
 Each function validates its arguments and picks an implementation by array type: NumPy arrays
 go to kernels.cpu (Numba @njit), CuPy arrays to kernels.cuda (numba.cuda); kernels.reference
@@ -212,6 +213,49 @@ def sgd_update(params, grads, bufs, fresh, lr, momentum, weight_decay, nesterov)
     return True
 
 
+# --- batch norm (x (N, C) or (N, C, H, W); per-channel arrays (C,)) --------------------------
+def _check_bn(op, x, per_channel):
+    if x.ndim not in (2, 4):
+        raise ValueError(f"{op}: expected x (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
+    for name, a in per_channel.items():
+        if a is not None and tuple(a.shape) != (x.shape[1],):
+            raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected "
+                             f"({x.shape[1]},) for x {tuple(x.shape)}")
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                       relu=False):
+    """(y, mean, inv_std): y = act((x - mean) * gamma * inv_std + beta) per channel, act ReLU
+    if relu; batch statistics when training (running_mean/running_var, (C,) or None, updated
+    in place), else the running ones. See kernels.reference.batch_norm_forward."""
+    op = "batch_norm_forward"
+    _check(op, x=x, gamma=gamma, beta=beta)
+    stats = {"running_mean": running_mean, "running_var": running_var}
+    _check_bn(op, x, dict(gamma=gamma, beta=beta, **stats))
+    for name, a in stats.items():  # any float dtype: updated in place, read as x's dtype
+        if a is not None and (a.dtype.kind != "f" or is_device_array(a) != is_device_array(x)):
+            raise TypeError(f"{op}: {name} must be a float array on x's device, got "
+                            f"{type(a).__name__} of {a.dtype} (x: {type(x).__name__})")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{op}: eval mode (training=False) needs running_mean and running_var")
+    impl = reference if x.size == 0 else backend_for(x)  # empty batch: NaN, as NumPy's mean
+    return impl.batch_norm_forward(x, gamma, beta, running_mean, running_var, bool(training),
+                                   float(momentum), float(eps), bool(relu))
+
+
+def batch_norm_backward(gy, x, gamma, beta, mean, inv_std, training, relu=False):
+    """(gx, ggamma, gbeta) of batch_norm_forward from its input x and returned (mean,
+    inv_std); the ReLU mask is recomputed from x. See kernels.reference.batch_norm_backward."""
+    op = "batch_norm_backward"
+    _check(op, gy=gy, x=x, gamma=gamma, beta=beta, mean=mean, inv_std=inv_std)
+    _check_bn(op, x, dict(gamma=gamma, beta=beta, mean=mean, inv_std=inv_std))
+    _check_gy(op, gy, x.shape)
+    impl = reference if x.size == 0 else backend_for(gy)
+    return impl.batch_norm_backward(gy, x, gamma, beta, mean, inv_std, bool(training),
+                                    bool(relu))
+
+
 PUBLIC_KERNELS = ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
                   "relu_forward", "relu_backward", "residual_add_forward",
-                  "residual_add_backward", "max_pool2d_forward", "max_pool2d_backward")
+                  "residual_add_backward", "max_pool2d_forward", "max_pool2d_backward",
+                  "batch_norm_forward", "batch_norm_backward")

@@ -134,3 +134,69 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     for i, j, si, sj in _taps(kh, kw, sh, sw, oh, ow):
         gx[:, :, si, sj] += xp.where(argmax == i * kw + j, gy, 0)
     return gx
+
+
+def _channels(x):
+    """The axes batch norm reduces over and the shape that broadcasts (C,) against x."""
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    return axes, (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """In place: running = (1 - momentum) * running + momentum * batch value, with the
+    unbiased variance var * count / (count - 1) (PyTorch's rule); None buffers are skipped."""
+    if running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1 - momentum
+        running_var += momentum * var * (count / max(count - 1, 1))
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                       relu):
+    """Per-channel batch norm of x (N, C) or (N, C, H, W), then ReLU if relu:
+    y = act((x - mean) * (gamma * inv_std) + beta), inv_std = 1 / sqrt(var + eps).
+
+    training: mean and var are the batch's (biased var), and running_mean / running_var
+    ((C,) or None) are updated in place (update_running); else the running statistics are
+    used. Returns (y, mean, inv_std), the (C,) statistics used, in x's dtype.
+    """
+    xp = array_module(x)
+    axes, bshape = _channels(x)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        update_running(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
+    else:
+        mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype, copy=False)
+    inv_std = (1 / xp.sqrt(var + eps)).astype(x.dtype, copy=False)
+    y = _bn_value(x, gamma, beta, mean, inv_std, bshape)
+    return (relu_forward(y) if relu else y), mean, inv_std
+
+
+def _bn_value(x, gamma, beta, mean, inv_std, bshape):
+    """(x - mean) * (gamma * inv_std) + beta, in x's dtype: the kernels round it the same way,
+    so the ReLU mask that backward recomputes from x matches forward's output."""
+    scale = (gamma * inv_std).reshape(bshape)
+    return (x - mean.reshape(bshape)) * scale + beta.reshape(bshape)
+
+
+def batch_norm_backward(gy, x, gamma, beta, mean, inv_std, training, relu):
+    """(gx, ggamma, gbeta) of batch_norm_forward, from its input x and (mean, inv_std).
+
+    g = gy (masked by y > 0 when relu, y recomputed from x), x_hat = (x - mean) * inv_std:
+    gbeta = sum(g), ggamma = sum(g * x_hat) per channel; gx = gamma * inv_std * g in eval
+    mode, and gamma * inv_std * (g - (gbeta + x_hat * ggamma) / count) in training, where
+    mean and var depend on x (count = N * H * W).
+    """
+    axes, bshape = _channels(x)
+    if relu:
+        gy = gy * (_bn_value(x, gamma, beta, mean, inv_std, bshape) > 0)
+    x_hat = (x - mean.reshape(bshape)) * inv_std.reshape(bshape)
+    gbeta, ggamma = gy.sum(axis=axes), (gy * x_hat).sum(axis=axes)
+    scale = (gamma * inv_std).reshape(bshape)
+    if not training:
+        return gy * scale, ggamma, gbeta
+    count = x.size // x.shape[1]
+    gx = scale * (gy - (gbeta.reshape(bshape) + x_hat * ggamma.reshape(bshape)) / count)
+    return gx, ggamma, gbeta

@@ -28,6 +28,7 @@ def signatures(dtype):
     a1, a4, i4 = f"{f}[::1]", f"{f}[:, :, :, ::1]", "int32[:, :, :, ::1]"
     ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
     t16 = f"UniTuple({a1}, 16)"
+    a3 = f"{f}[:, :, ::1]"
     return {
         "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, boolean, {ints}, {a4})",
         "conv2d_backward_input_kernel": f"void({a4}, {a4}, boolean, {a4}, {ints}, {a4})",
@@ -44,6 +45,14 @@ def signatures(dtype):
         # multi-tensor SGD: tuples of kernels.cuda.optim.TENSORS (16) flat arrays
         "sgd_kernel": f"void({t16}, {t16}, {t16}, UniTuple(int64, 16), UniTuple(boolean, 16), "
                       f"int64, {f}, {f}, {f}, boolean, boolean, boolean)",
+        # batch norm: x, gy, y, gx as (N, C, L) planes, partial sums (C, P, 2)
+        "batch_norm_stats_kernel": f"void({a3}, {a3})",
+        "batch_norm_forward_kernel": f"void({a3}, {a1}, {a1}, {a3}, boolean, boolean, {f}, {f}, "
+                                     f"{f}, {a1}, {a1}, boolean, boolean, {a1}, {a1}, {a3})",
+        "batch_norm_grad_stats_kernel": f"void({a3}, {a3}, {a1}, {a1}, {a1}, {a1}, boolean, "
+                                        f"{a3})",
+        "batch_norm_backward_kernel": f"void({a3}, {a3}, {a1}, {a1}, {a1}, {a1}, {a3}, boolean, "
+                                      f"boolean, {a1}, {a1}, {a3})",
     }
 
 

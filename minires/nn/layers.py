@@ -159,11 +159,20 @@ class BatchNorm2d(Module):
         self.register_buffer("running_var", np.ones(num_features, dtype))
 
     def forward(self, x):
+        return self._normalise(x, relu=False)
+
+    def forward_relu(self, x):
+        """relu(self(x)) as ONE op (one kernel pass each way); Sequential calls it when an
+        nn.ReLU follows this layer."""
+        return self._normalise(x, relu=True)
+
+    def _normalise(self, x, relu):
         c = self.num_features
         _check_input(self, x, lambda s: len(s) in (2, 4) and s[1] == c,
                      f"(N, {c}, H, W) or (N, {c})")
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                            training=self.training, momentum=self.momentum, eps=self.eps)
+                            training=self.training, momentum=self.momentum, eps=self.eps,
+                            relu=relu)
 
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"

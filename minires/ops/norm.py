@@ -1,15 +1,19 @@
-"""Batch normalisation over (N, C) or (N, C, H, W) inputs, per channel C.
+"""Batch normalisation over (N, C) or (N, C, H, W) inputs, per channel C, optionally fused
+with the ReLU that follows it (one op, one kernel pass each way).
 
-Imports minires.tensor and minires.ops._args (argument checks).
+Imports minires.tensor, minires.ops._args (argument checks) and kernels.
 """
+from minires import kernels
 from minires.ops._args import check_float, raw
 from minires.tensor import Function
 
 
 class BatchNorm2d(Function):
-    def __init__(self, running_mean, running_var, training, momentum, eps):
+    uses_kernels = True
+
+    def __init__(self, running_mean, running_var, training, momentum, eps, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
-        self.training, self.momentum, self.eps = training, momentum, eps
+        self.training, self.momentum, self.eps, self.relu = training, momentum, eps, relu
 
     def forward(self, x, gamma, beta):
         if x.ndim not in (2, 4):
@@ -21,56 +25,28 @@ class BatchNorm2d(Function):
                 raise ValueError(f"batch_norm: {name} shape {a.shape}, expected ({c},) for "
                                  f"x {x.shape}")
         check_float("batch_norm", x, gamma, beta)
-        axes = (0,) if x.ndim == 2 else (0, 2, 3)
-        bshape = (1, c) + (1,) * (x.ndim - 2)  # per-channel values broadcast over N, H, W
-        if self.training:
-            mean, var = x.mean(axis=axes), x.var(axis=axes)  # biased, as PyTorch normalises
-            self._update_running(mean, var, x.size // c)
-        elif self.running_mean is None or self.running_var is None:
+        if not self.training and (self.running_mean is None or self.running_var is None):
             raise ValueError("batch_norm: eval mode (training=False) needs running statistics")
-        else:
-            mean, var = self.running_mean, self.running_var
-        inv_std = 1 / self.xp.sqrt(var + self.eps)
-        x_hat = (x - mean.reshape(bshape)) * inv_std.reshape(bshape)
-        self.axes, self.bshape = axes, bshape
-        self.save_for_backward(x_hat, inv_std, gamma)
-        return (x_hat * gamma.reshape(bshape) + beta.reshape(bshape)).astype(x.dtype, copy=False)
-
-    def _update_running(self, mean, var, count):
-        """In place, unbiased variance (PyTorch's rule); skipped for None buffers."""
-        m = self.momentum
-        if self.running_mean is not None:
-            self.running_mean *= 1 - m
-            self.running_mean += m * mean
-        if self.running_var is not None:
-            self.running_var *= 1 - m
-            self.running_var += m * var * (count / max(count - 1, 1))
+        y, mean, inv_std = kernels.batch_norm_forward(
+            x, gamma, beta, self.running_mean, self.running_var, self.training, self.momentum,
+            self.eps, self.relu)
+        # x is held as this op's input anyway: saving it (not x_hat) costs no memory, and
+        # backward recomputes x_hat and the ReLU mask on the fly
+        self.save_for_backward(x, gamma, beta, mean, inv_std)
+        return y
 
     def backward(self, gy):
-        x_hat, inv_std, gamma = self.saved
-        axes, bshape = self.axes, self.bshape
-        gbeta = gy.sum(axis=axes)
-        ggamma = (gy * x_hat).sum(axis=axes)
-        g_hat = gy * gamma.reshape(bshape)
-        if self.training:
-            # mean and variance depend on x: the standard three-term formula
-            m = gy.size // gy.shape[1]
-            gx = (inv_std.reshape(bshape) / m) * (
-                m * g_hat - g_hat.sum(axis=axes).reshape(bshape)
-                - x_hat * (g_hat * x_hat).sum(axis=axes).reshape(bshape))
-        else:
-            gx = g_hat * inv_std.reshape(bshape)
-        return gx, ggamma, gbeta
+        return kernels.batch_norm_backward(gy, *self.saved, self.training, self.relu)
 
 
 def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training=True,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, relu=False):
     """Normalise each channel of x (N, C) or (N, C, H, W), then scale by gamma (C,) and shift
-    by beta (C,).
+    by beta (C,); with relu=True, relu of that as ONE op (the mask is recomputed in backward).
 
     training=True uses the batch mean and biased variance and updates running_mean and
     running_var (raw arrays (C,), in place, unbiased variance, momentum as in PyTorch) unless
     they are None; training=False uses the running statistics.
     """
-    return BatchNorm2d(raw(running_mean), raw(running_var), training, momentum, eps)(
-        x, gamma, beta)
+    return BatchNorm2d(raw(running_mean), raw(running_var), training, momentum, eps,
+                       bool(relu))(x, gamma, beta)
