@@ -30,7 +30,9 @@ if not SIMULATOR and not cuda.cudadrv.nvvm.is_available():
 # blocks); without this Numba warns once per distinct grid size below 128 blocks.
 warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-util")
 
-THREADS = 256  # threads per block of the one-thread-per-element kernels
+# Threads per block of the one-thread-per-element kernels. Fewer under the simulator, which runs
+# every thread of a block as a Python thread, those past the end of the array included.
+THREADS = 32 if SIMULATOR else 256
 # Threads per block of the reductions; a power of two, the size of their shared buffer. Smaller
 # under the simulator, which runs one Python thread per CUDA thread.
 RED = 8 if SIMULATOR else 256

@@ -26,7 +26,8 @@ def sgd_kernel(params, grads, bufs, starts, fresh, total, lr, momentum, weight_d
         p = p - lr * g
 
     use_momentum / use_decay: momentum / weight_decay != 0 (flags, so that no comparison with
-    a literal promotes float32 to float64). bufs is unread without momentum; padding entries have starts[k] == total (never chosen).
+    a literal promotes float32 to float64). bufs is unread without momentum; padding entries
+    have starts[k] == total (never chosen).
     """
     t = cuda.grid(1)
     if t >= total:
