@@ -31,7 +31,11 @@ import collections
 import numpy as np
 from numba import njit, prange
 
-from .conv_simd import COLS, ROWS, tile_dot, tile_fma, tile_splat, tile_store, tile_sum_into
+from .conv_simd import (COLS, ROWS, copy_vector, mask_vector, relu_vector, split_pair, tile_dot,
+                        tile_fma, tile_splat, tile_store, tile_sum_into)
+
+# The weight gradient's bias sums are reductions, which vectorise only when reassociated.
+_REDUCE = {"contract", "reassoc", "nsz"}
 
 Geo = collections.namedtuple(
     "Geo", "top left psh psw hp wp wq img plane nb size length strip lanes")
@@ -42,35 +46,45 @@ JOB = np.dtype([("ncols", np.int64), ("oh", np.int64), ("ow", np.int64), ("r0", 
 @njit(cache=True, nogil=True)
 def pack(src, mask, masked, n, buf, b, geo):
     """Copy src[n] (C, H, W) into slot b of buf (C, size), padded and split into phases;
-    masked: values where mask[n] > 0 fails are multiplied by 0 (gy times the ReLU mask, mask
-    the ReLU output; inf or NaN there gives NaN, as kernels.reference.relu_backward).
+    masked: times (mask[n] > 0) (gy times the ReLU mask, mask the ReLU output; inf or NaN
+    there gives NaN, as kernels.reference.relu_backward).
 
     Positions never written keep the zeros they were created with.
     """
-    height, width = src.shape[2], src.shape[3]
-    zero = src.dtype.type(0)
-    for c in range(src.shape[1]):
-        dst = buf[c]
+    nch, height, width = src.shape[1], src.shape[2], src.shape[3]
+    vec = geo.lanes
+    for c in range(nch):
         for h in range(height):
             r = geo.top + h
-            if r < 0 or r >= geo.hp:
-                continue
-            at = (r % geo.psh) * geo.psw * geo.plane + b * geo.img + (r // geo.psh) * geo.wq
-            row, keep = src[n, c, h], mask[n, c, h]
-            for pq in range(geo.psw):  # each column phase: a contiguous run of the buffer
-                first = (pq - geo.left) % geo.psw  # first column w with (left + w) % psw == pq
-                stop = min(width, geo.wp - geo.left)
-                if first >= stop:
-                    continue
-                out = dst[at + pq * geo.plane + (geo.left + first) // geo.psw:]
-                step = geo.psw
-                if masked:
-                    for k in range((stop - first + step - 1) // step):
-                        v = row[first + k * step]
-                        out[k] = v if keep[first + k * step] > zero else v * zero
-                else:
-                    for k in range((stop - first + step - 1) // step):
-                        out[k] = row[first + k * step]
+            s0 = ((n * nch + c) * height + h) * width  # src[n, c, h, 0]
+            at = (c * buf.shape[1] + (r % geo.psh) * geo.psw * geo.plane + b * geo.img
+                  + (r // geo.psh) * geo.wq)  # buf[c] at padded row r, column 0
+            if geo.psw == 1 and masked:
+                for k in range(0, width, vec):
+                    mask_vector(buf, at + geo.left + k, src, s0 + k, width - k, mask)
+            elif geo.psw == 1:
+                for k in range(0, width, vec):
+                    copy_vector(buf, at + geo.left + k, src, s0 + k, width - k)
+            elif geo.psw == 2 and not masked:  # even columns to one phase, odd to the other
+                even = at + geo.left % 2 * geo.plane + geo.left // 2
+                odd = at + (geo.left + 1) % 2 * geo.plane + (geo.left + 1) // 2
+                for k in range(0, width, 2 * vec):
+                    split_pair(buf, even + k // 2, odd + k // 2, src, s0 + k, width - k)
+            else:
+                _pack_row(src, mask, masked, s0, buf, at, width, geo)
+
+
+@njit(cache=True, nogil=True)
+def _pack_row(src, mask, masked, s0, buf, at, width, geo):
+    """pack's general case, element by element: column q = left + w goes to phase q % psw."""
+    zero = src.dtype.type(0)
+    sflat, mflat, bflat = src.reshape(-1), mask.reshape(-1), buf.reshape(-1)
+    for w in range(width):
+        q = geo.left + w
+        v = sflat[s0 + w]
+        if masked and not mflat[s0 + w] > zero:
+            v = v * zero
+        bflat[at + (q % geo.psw) * geo.plane + q // geo.psw] = v
 
 
 @njit(cache=True, nogil=True)
@@ -98,24 +112,24 @@ def _grid_length(cnt, oh, geo):
 @njit(cache=True, nogil=True)
 def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
     """out[n0 + b, o0 + i, r0 + u*rs, c0 + v*cs] = act(acc[i, b*img + u*wq + v]), i < rows."""
+    nout, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
     for i in range(rows):
         for b in range(cnt):
             for u in range(job.oh):
-                src = acc[i, b * geo.img + u * geo.wq:]
-                dst = out[n0 + b, o0 + i, job.r0 + u * job.rs]
-                if job.cs == 1:  # a contiguous row: this loop vectorises
-                    row = dst[job.c0:]
-                    if relu:
-                        for v in range(job.ow):
-                            row[v] = zero if src[v] < zero else src[v]
-                    else:
-                        for v in range(job.ow):
-                            row[v] = src[v]
-                else:
+                a0 = i * acc.shape[1] + b * geo.img + u * geo.wq
+                d0 = (((n0 + b) * nout + o0 + i) * oh + job.r0 + u * job.rs) * ow + job.c0
+                if job.cs == 1 and relu:
+                    for k in range(0, job.ow, geo.lanes):
+                        relu_vector(out, d0 + k, acc, a0 + k, job.ow - k)
+                elif job.cs == 1:
+                    for k in range(0, job.ow, geo.lanes):
+                        copy_vector(out, d0 + k, acc, a0 + k, job.ow - k)
+                else:  # a column phase of the input gradient: every cs-th element
+                    dst, src = out.reshape(-1), acc.reshape(-1)
                     for v in range(job.ow):
-                        x = src[v]
-                        dst[job.c0 + v * job.cs] = zero if relu and x < zero else x
+                        x = src[a0 + v]
+                        dst[d0 + v * job.cs] = zero if relu and x < zero else x
 
 
 @njit(cache=True, nogil=True)
@@ -166,26 +180,31 @@ def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, ac
                         accs[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
 
 
-@njit(cache=True, nogil=True)
-def _gy_grid(gy, mask, masked, n0, cnt, o, grid, end, length, geo):
-    """Copy gy[n0:n0+cnt, o] (times mask > 0 when masked) onto the grid row; zero it from the
-    last output to `length` (the tail may hold a fuller block's values); return its sum."""
-    zero = grid.dtype.type(0)
-    s = zero
-    grid[end:length] = 0
-    for b in range(cnt):
-        for u in range(gy.shape[2]):
-            dst, row, keep = grid[b * geo.img + u * geo.wq:], gy[n0 + b, o, u], mask[n0 + b, o, u]
-            if masked:
-                for v in range(gy.shape[3]):
-                    x = row[v] if keep[v] > zero else row[v] * zero
-                    dst[v] = x
-                    s += x
-            else:
-                for v in range(gy.shape[3]):
-                    dst[v] = row[v]
-                    s += row[v]
+@njit(cache=True, nogil=True, fastmath=_REDUCE)
+def _sum(a, n):
+    """a[0] + ... + a[n-1] (reassociated: it vectorises)."""
+    s = a.dtype.type(0)
+    for p in range(n):
+        s += a[p]
     return s
+
+
+@njit(cache=True, nogil=True)
+def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
+    """Copy gy[n0:n0+cnt, o] (times mask > 0 when masked) onto grid row i; zero it from the
+    last output to `length` (the tail may hold a fuller block's values); return its sum."""
+    nout, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
+    grid[i, end:length] = 0
+    for b in range(cnt):
+        for u in range(oh):
+            g0 = i * grid.shape[1] + b * geo.img + u * geo.wq
+            s0 = (((n0 + b) * nout + o) * oh + u) * ow
+            for k in range(0, ow, geo.lanes):
+                if masked:
+                    mask_vector(grid, g0 + k, gy, s0 + k, ow - k, mask)
+                else:
+                    copy_vector(grid, g0 + k, gy, s0 + k, ow - k)
+    return _sum(grid[i], end)
 
 
 @njit(cache=True, nogil=True)
@@ -212,7 +231,7 @@ def _weight_part(gy, mask, masked, src, geo, cols, part, bpart, buf, grid, first
             for i in range(ROWS):
                 if ob * ROWS + i < nout:
                     bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt, ob * ROWS + i,
-                                                     grid[i], end, length, geo)
+                                                     grid, i, end, length, geo)
                 else:  # a padding channel of the last block: contributes nothing
                     grid[i, :length] = 0
             for kb in range(0, ncols, COLS):

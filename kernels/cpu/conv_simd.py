@@ -90,9 +90,8 @@ def _splat(builder, scalar, n):
 
 def _muladd(builder, a, b, c):
     """a * b + c, fused where the target has FMA (llvm.fmuladd never becomes a libcall)."""
-    suffix = f"v{a.type.count}{'f32' if isinstance(a.type.element, ir.FloatType) else 'f64'}"
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3),
-                                        f"llvm.fmuladd.{suffix}")
+                                        f"llvm.fmuladd.{_suffix(a.type)}")
     return builder.call(fn, [a, b, c])
 
 
@@ -106,6 +105,39 @@ def _hsum(builder, v):
         hi = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(n, 2 * n))))
         v = builder.fadd(lo, hi)
     return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+def _suffix(vec):
+    return f"v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else 'f64'}"
+
+
+def _first(builder, n, count):
+    """The lane mask lane < min(n, count): the first n lanes (n an i64 value)."""
+    i32 = ir.IntType(32)
+    n = builder.trunc(builder.select(builder.icmp_signed("<", n, ir.Constant(n.type, count)),
+                                     n, ir.Constant(n.type, count)), i32)
+    lanes_ = ir.VectorType(i32, count)
+    return builder.icmp_signed("<", ir.Constant(lanes_, list(range(count))),
+                               _splat(builder, n, count))
+
+
+def _masked_load(builder, ptr, mask):
+    vec = ir.VectorType(ptr.type.pointee, mask.type.count)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec.as_pointer(), ir.IntType(32), mask.type, vec]),
+        f"llvm.masked.load.{_suffix(vec)}.p0")
+    return builder.call(fn, [builder.bitcast(ptr, vec.as_pointer()), ir.Constant(ir.IntType(32), 1),
+                             mask, ir.Constant(vec, None)])
+
+
+def _masked_store(builder, value, ptr, mask):
+    vec = value.type
+    fn = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), ir.IntType(32), mask.type]),
+        f"llvm.masked.store.{_suffix(vec)}.p0")
+    builder.call(fn, [value, builder.bitcast(ptr, vec.as_pointer()),
+                      ir.Constant(ir.IntType(32), 1), mask])
 
 
 # --- the operations ----------------------------------------------------------------------
@@ -213,3 +245,79 @@ def tile_sum_into(typingctx, tile, out, at, stride):
                 builder.store(builder.fadd(builder.load(ptr), total), ptr)
         return context.get_dummy_value()
     return types.none(tile, out, at, stride), codegen
+
+
+# --- row copies: one vector per call, the first min(n, LANES) elements (masked loads and
+# stores: short rows cost one instruction each, and nothing outside the row is touched) ------
+def _copy_typer(dst, src, *others):
+    return _flat_ok(dst, src, *others) and dst.dtype == src.dtype
+
+
+def _copy(kind, dst, src, keep=None):
+    """Codegen for dst[di + l] = op(src[si + l]), lanes l < min(n, LANES): op identity
+    ("copy"), ReLU keeping NaN ("relu"), or times the ReLU mask keep[si + l] > 0 ("mask": a
+    masked inf or NaN gives NaN, as v * 0 does)."""
+    def codegen(context, builder, sig, values):
+        darr, di_, sarr, si_, n_ = values[:5]
+        mask = _first(builder, n_, lanes(src.dtype))
+        v = _masked_load(builder, _at(context, builder, src, sarr, si_), mask)
+        zero = ir.Constant(v.type, None)
+        if kind == "relu":
+            v = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+        elif kind == "mask":
+            k = _masked_load(builder, _at(context, builder, keep, values[5], si_), mask)
+            v = builder.select(builder.fcmp_ordered(">", k, zero), v, builder.fmul(v, zero))
+        _masked_store(builder, v, _at(context, builder, dst, darr, di_), mask)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def copy_vector(typingctx, dst, di, src, si, n):
+    """dst[di + l] = src[si + l] for l < min(n, LANES)."""
+    if not _copy_typer(dst, src):
+        return None
+    return types.none(dst, di, src, si, n), _copy("copy", dst, src)
+
+
+@intrinsic
+def relu_vector(typingctx, dst, di, src, si, n):
+    """dst[di + l] = max(src[si + l], 0) for l < min(n, LANES) (NaN kept)."""
+    if not _copy_typer(dst, src):
+        return None
+    return types.none(dst, di, src, si, n), _copy("relu", dst, src)
+
+
+@intrinsic
+def mask_vector(typingctx, dst, di, src, si, n, keep):
+    """dst[di + l] = src[si + l] * (keep[si + l] > 0) for l < min(n, LANES)."""
+    if not _copy_typer(dst, src, keep):
+        return None
+    return types.none(dst, di, src, si, n, keep), _copy("mask", dst, src, keep)
+
+
+@intrinsic
+def split_pair(typingctx, dst, de, do, src, si, n):
+    """Deinterleave min(n, 2*LANES) elements of src from si: the even ones to dst[de:], the
+    odd ones to dst[do:] (a row split into its two stride-2 column phases)."""
+    if not _copy_typer(dst, src):
+        return None
+
+    def codegen(context, builder, sig, args):
+        darr, de_, do_, sarr, si_, n_ = args
+        count = lanes(src.dtype)
+        lo = _masked_load(builder, _at(context, builder, src, sarr, si_),
+                          _first(builder, n_, count))
+        rest = builder.sub(n_, ir.Constant(n_.type, count))
+        hi = _masked_load(builder, _at(context, builder, src, sarr, _plus(builder, si_, count)),
+                          _first(builder, rest, count))
+        idx = ir.VectorType(ir.IntType(32), count)
+        even = builder.shuffle_vector(lo, hi, ir.Constant(idx, list(range(0, 2 * count, 2))))
+        odd = builder.shuffle_vector(lo, hi, ir.Constant(idx, list(range(1, 2 * count, 2))))
+        half = builder.ashr(n_, ir.Constant(n_.type, 1))
+        _masked_store(builder, even, _at(context, builder, dst, darr, de_),
+                      _first(builder, builder.sub(n_, half), count))  # ceil(n / 2) evens
+        _masked_store(builder, odd, _at(context, builder, dst, darr, do_),
+                      _first(builder, half, count))
+        return context.get_dummy_value()
+    return types.none(dst, de, do, src, si, n), codegen
