@@ -131,6 +131,20 @@ def test_parsers_on_gpu_shaped_output():
     assert figures["minires/torch x"] == 0.8 and figures["torch test accuracy %"] == 98.6
 
 
+def test_launches_report_with_cupti_counts(capsys):
+    cupti = {"kernels": 70.0, "memcpy": 3.0, "memset": 1.0,
+             "by_source": {"cublas": 3.0, "cupy": 47.0, "minires": 20.0}}
+    rows = [{"optimizer": o, "minires_launches": 20, "minires_kernels": {"sgd_kernel": 1},
+             "cupti": cupti, "launches_per_step": 70.0, "how": "CUPTI"} for o in ("a", "b")]
+    launches.print_report({"model": "seed", "mode": "gpu", "gpu": "H100", "batch": 64,
+                           "channels": 16, "rows": rows})
+    out = capsys.readouterr().out
+    assert "all kernels (CUPTI)" in out and "  cupy" in out and "3 / 1" in out
+    text = json.dumps({"command": "launches", "mode": "gpu", "rows": rows})
+    figures = gpu_check.parse_launches(text, 0, False)[1]
+    assert figures["launches/step (a SGD)"] == 70.0
+
+
 def test_cupti_trace_summary():
     events = [{"cat": "kernel", "name": "_ZN6cudapy5bench21conv2d_forward_kernelE..."},
               {"cat": "kernel", "name": "cupy_multiply__float32_float32"},
