@@ -71,20 +71,20 @@ def pack(src, mask, masked, n, buf, b, geo):
                 for k in range(0, width, 2 * vec):
                     split_pair(buf, even + k // 2, odd + k // 2, src, s0 + k, width - k)
             else:
-                _pack_row(src, mask, masked, s0, buf, at, width, geo)
+                _pack_row(src[n, c, h], mask[n, c, h], masked, buf[c], at - c * buf.shape[1],
+                          geo)
 
 
 @njit(cache=True, nogil=True)
-def _pack_row(src, mask, masked, s0, buf, at, width, geo):
+def _pack_row(row, keep, masked, dst, at, geo):
     """pack's general case, element by element: column q = left + w goes to phase q % psw."""
-    zero = src.dtype.type(0)
-    sflat, mflat, bflat = src.reshape(-1), mask.reshape(-1), buf.reshape(-1)
-    for w in range(width):
+    zero = row.dtype.type(0)
+    for w in range(row.shape[0]):
         q = geo.left + w
-        v = sflat[s0 + w]
-        if masked and not mflat[s0 + w] > zero:
+        v = row[w]
+        if masked and not keep[w] > zero:
             v = v * zero
-        bflat[at + (q % geo.psw) * geo.plane + q // geo.psw] = v
+        dst[at + (q % geo.psw) * geo.plane + q // geo.psw] = v
 
 
 @njit(cache=True, nogil=True)
@@ -126,10 +126,11 @@ def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
                     for k in range(0, job.ow, geo.lanes):
                         copy_vector(out, d0 + k, acc, a0 + k, job.ow - k)
                 else:  # a column phase of the input gradient: every cs-th element
-                    dst, src = out.reshape(-1), acc.reshape(-1)
+                    dst, src = out[n0 + b, o0 + i, job.r0 + u * job.rs], acc[i]
+                    a1 = b * geo.img + u * geo.wq
                     for v in range(job.ow):
-                        x = src[a0 + v]
-                        dst[d0 + v * job.cs] = zero if relu and x < zero else x
+                        x = src[a1 + v]
+                        dst[job.c0 + v * job.cs] = zero if relu and x < zero else x
 
 
 @njit(cache=True, nogil=True)
