@@ -64,7 +64,7 @@ def stages(out):
         Stage("tests", "gpu-marked tests", 120,
               _py("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"),
               _py("-m", "pytest", "-q", "-m", "gpu or cuda", "-p", "no:cacheprovider",
-                  "-k", "launch_counter or mixed_fresh or cuda_one_launch",
+                  "-k", "launch_counter or mixed_fresh or cuda_multi_tensor",
                   "tests/test_optim.py", "tests/cuda_sim/test_sim_launches.py"),
               parse_pytest, False),
         Stage("gradcheck", "minires gradcheck --device cuda", 50,

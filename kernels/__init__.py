@@ -188,6 +188,24 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
     return backend_for(gy).max_pool2d_backward(gy, argmax, tuple(x_shape), kernel, stride)
 
 
+def _multi_tensor(name, params, *groups):
+    """The kernel module's multi-tensor function `name` when it can update these lists (one
+    per parameter each, same shapes, one float dtype, C-contiguous, all on the device), else
+    None."""
+    fn = getattr(backend_for(params[0]), name, None) if params else None
+    if fn is None or any(len(g) != len(params) for g in groups):
+        return None
+    dtype = np.dtype(params[0].dtype)
+    device = is_device_array(params[0])
+    arrays = [a for group in (params, *groups) for a in group]
+    if dtype not in _FLOATS or any(np.dtype(a.dtype) != dtype or not a.flags.c_contiguous
+                                   or is_device_array(a) != device for a in arrays):
+        return None
+    if any(a.shape != p.shape for group in groups for p, a in zip(params, group)):
+        raise ValueError(f"{name}: an array's shape differs from its parameter's")
+    return fn
+
+
 def sgd_update(params, grads, bufs, fresh, lr, momentum, weight_decay, nesterov):
     """One SGD step over lists of parameters, gradients and momentum buffers, in place, in one
     launch per 16 tensors, where a multi-tensor kernel handles these arrays (CUDA); returns
@@ -195,21 +213,26 @@ def sgd_update(params, grads, bufs, fresh, lr, momentum, weight_decay, nesterov)
     fallback, mixed dtypes or devices, non-contiguous arrays): the caller updates tensor by
     tensor. fresh[k]: buffer k is new and is set to the gradient; bufs empty without momentum.
     Semantics: minires.optim.SGD (torch.optim.SGD with dampening 0)."""
-    module = backend_for(params[0]) if params else None
-    fn = getattr(module, "sgd_update", None)
-    arrays = [*params, *grads, *bufs]
-    if fn is None or (momentum and len(bufs) != len(params)) or len(grads) != len(params):
+    fn = _multi_tensor("sgd_update", params, grads, *([bufs] if momentum else []))
+    if fn is None:
         return False
-    dtype = np.dtype(params[0].dtype)
-    if dtype not in _FLOATS or any(np.dtype(a.dtype) != dtype or not a.flags.c_contiguous
-                                   or is_device_array(a) != is_device_array(params[0])
-                                   for a in arrays):
-        return False
-    if any(a.shape != p.shape for group in (grads, bufs) for p, a in zip(params, group)):
-        raise ValueError("sgd_update: a gradient's or buffer's shape differs from its "
-                         "parameter's")
     fn(list(params), list(grads), list(bufs), [bool(f) for f in fresh], float(lr),
        float(momentum), float(weight_decay), bool(nesterov))
+    return True
+
+
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay,
+                decoupled):
+    """One Adam (decoupled: AdamW) step over lists of parameters, gradients and moments, in
+    place, in one launch per 12 tensors where a multi-tensor kernel handles these arrays
+    (CUDA); True then, else False with nothing changed (as sgd_update). steps[k]: tensor k's
+    step count including this step. Semantics: minires.optim.Adam / AdamW."""
+    fn = _multi_tensor("adam_update", params, grads, exp_avgs, exp_avg_sqs)
+    if fn is None:
+        return False
+    fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [int(t) for t in steps],
+       float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay),
+       bool(decoupled))
     return True
 
 

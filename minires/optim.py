@@ -247,6 +247,29 @@ class Adam(Optimizer):
     def _required(self):
         return {"step", "exp_avg", "exp_avg_sq"}
 
+    def step(self):
+        """Update every parameter that has a gradient: on the GPU in one kernel launch per 12
+        parameters (kernels.adam_update), elsewhere tensor by tensor (_update)."""
+        todo = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        if todo and backend.device_of(todo[0][1].data) == "cuda" and self._step_fused(todo):
+            self.steps += 1
+            return
+        super().step()
+
+    def _step_fused(self, todo):
+        """The multi-tensor update of `todo` [(index, parameter)]; False (nothing changed) if
+        it does not apply. Step counts advance only when the kernel ran."""
+        states = [self._state_for(i, p) for i, p in todo]
+        steps = [s["step"] + 1 for s in states]
+        if not kernels.adam_update([p.data for _, p in todo], [p.grad for _, p in todo],
+                                   [s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states], steps, self.lr,
+                                   self.betas, self.eps, self.weight_decay, self.decoupled):
+            return False
+        for state, t in zip(states, steps):
+            state["step"] = t
+        return True
+
     def _update(self, p, g, state):
         (b1, b2), xp = self.betas, backend.array_module(p.data)
         if self.decoupled:

@@ -27,7 +27,7 @@ def signatures(dtype):
     f = np.dtype(dtype).name
     a1, a4, i4 = f"{f}[::1]", f"{f}[:, :, :, ::1]", "int32[:, :, :, ::1]"
     ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
-    t16 = f"UniTuple({a1}, 16)"
+    t16, t12 = f"UniTuple({a1}, 16)", f"UniTuple({a1}, 12)"
     a3 = f"{f}[:, :, ::1]"
     return {
         "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, boolean, {ints}, {a4})",
@@ -45,6 +45,10 @@ def signatures(dtype):
         # multi-tensor SGD: tuples of kernels.cuda.optim.TENSORS (16) flat arrays
         "sgd_kernel": f"void({t16}, {t16}, {t16}, UniTuple(int64, 16), UniTuple(boolean, 16), "
                       f"int64, {f}, {f}, {f}, boolean, boolean, boolean)",
+        # multi-tensor Adam: tuples of kernels.cuda.optim.ADAM_TENSORS (12)
+        "adam_kernel": f"void({t12}, {t12}, {t12}, {t12}, UniTuple(int64, 12), "
+                       f"UniTuple({f}, 12), UniTuple({f}, 12), int64, {', '.join([f] * 7)}, "
+                       f"boolean, boolean)",
         # batch norm: x, gy, y, gx as (N, C, L) planes, partial sums (C, P, 2)
         "batch_norm_stats_kernel": f"void({a3}, {a3})",
         "batch_norm_forward_kernel": f"void({a3}, {a1}, {a1}, {a3}, boolean, boolean, {f}, {f}, "

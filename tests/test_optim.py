@@ -181,31 +181,37 @@ def test_state_lives_on_the_parameter_device(xp):
 
 
 # --- the multi-tensor GPU step (kernels.sgd_update) ---------------------------------------------
-def test_sgd_on_the_cpu_never_takes_the_multi_tensor_path(monkeypatch):
-    """CPU results stay those of the per-tensor code above: the fused kernel is not asked."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("kernels.sgd_update called on the CPU")
+@pytest.mark.parametrize("opt_cls, kwargs", [
+    (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+    (optim.Adam, dict(lr=0.1, weight_decay=0.01)), (optim.AdamW, dict(lr=0.1))])
+def test_the_cpu_never_takes_the_multi_tensor_path(monkeypatch, opt_cls, kwargs):
+    """CPU results stay those of the per-tensor code above: the fused kernels are not asked."""
+    def refuse(*args, **kw):
+        raise AssertionError("a multi-tensor kernel was called on the CPU")
     monkeypatch.setattr(optim.kernels, "sgd_update", refuse)
-    got, _ = _run(optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    monkeypatch.setattr(optim.kernels, "adam_update", refuse)
+    got, _ = _run(opt_cls, **kwargs)
     assert got.dtype == np.float64
 
 
-def test_sgd_update_dispatch_declines_host_arrays():
+def test_multi_tensor_dispatch_declines_host_arrays():
     p, g = np.ones(3, np.float32), np.ones(3, np.float32)
     assert optim.kernels.sgd_update([p], [g], [], [False], 0.1, 0.0, 0.0, False) is False
+    assert optim.kernels.adam_update([p], [g], [g.copy()], [g.copy()], [1], 0.1, (0.9, 0.99),
+                                     1e-8, 0.0, False) is False
     assert np.array_equal(p, np.ones(3, np.float32))  # nothing changed
 
 
-def _sgd_pair(device, steps=3, dtype=np.float32, **kwargs):
-    """Parameters (host copies), momentum buffers and the state_dict keys after `steps` SGD
-    steps of 18 parameters of mixed shapes, one empty (two launches of 16 on the GPU), with the
+def _pair(opt_cls, device, steps=3, dtype=np.float32, **kwargs):
+    """Parameters (host copies) and the state_dict (host copies) after `steps` steps of
+    opt_cls over 18 parameters of mixed shapes, one empty (two launches on the GPU), with the
     same gradients on every device."""
     rng = np.random.default_rng(3)
     shapes = [(4, 3, 3, 3), (4,), (0,), (10, 36)] + [(i % 5 + 1,) for i in range(14)]
     start = [rng.standard_normal(s).astype(dtype) for s in shapes]
     grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
     params = [Parameter(minires.tensor(a, device=device).data) for a in start]
-    opt = optim.SGD(params, **kwargs)
+    opt = opt_cls(params, **kwargs)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = backend.to_device(g, device)
@@ -217,14 +223,20 @@ def _sgd_pair(device, steps=3, dtype=np.float32, **kwargs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not backend.cupy_available(), reason="no usable GPU/CuPy")
-@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True),
-                                    dict(lr=0.1, momentum=0.9, weight_decay=1e-2)])
-def test_sgd_cuda_one_launch_matches_the_cpu(kwargs):
+@pytest.mark.parametrize("opt_cls, kwargs, kernel", [
+    (optim.SGD, dict(lr=0.1), "sgd_kernel"),
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True), "sgd_kernel"),
+    (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2), "sgd_kernel"),
+    (optim.Adam, dict(lr=0.01, weight_decay=1e-2), "adam_kernel"),
+    (optim.AdamW, dict(lr=0.01), "adam_kernel")], ids=lambda v: getattr(v, "__name__", None))
+def test_cuda_multi_tensor_step_matches_the_cpu(opt_cls, kwargs, kernel):
+    """Two launches per step (18 parameters), same results and state_dict as the CPU's
+    per-tensor update."""
     from minires.kernels import cuda
     cuda.reset_launch_counts()
-    gpu, gpu_sd = _sgd_pair("cuda", **kwargs)
-    assert cuda.launch_counts() == {"sgd_kernel": 3 * 2}  # 3 steps x ceil(18 / 16) launches
-    cpu, cpu_sd = _sgd_pair("cpu", **kwargs)
+    gpu, gpu_sd = _pair(opt_cls, "cuda", **kwargs)
+    assert cuda.launch_counts() == {kernel: 3 * 2}  # 3 steps x 2 launches
+    cpu, cpu_sd = _pair(opt_cls, "cpu", **kwargs)
     assert gpu_sd.keys() == cpu_sd.keys()  # the state_dict format is the same
     for a, b in zip(gpu, cpu):  # the GPU may contract a * b + c into one FMA: not bitwise
         np.testing.assert_allclose(a, b, **tol("gpu_vs_cpu_f32"))

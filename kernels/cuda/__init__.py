@@ -9,7 +9,7 @@ _device holds the shared device helpers, the launch plumbing and the launch coun
 from . import conv, elementwise, norm, optim, pooling
 from ._device import SIMULATOR  # noqa: F401 (tests and callers read it)
 from ._device import count_launches, launch_counts, reset_launch_counts  # noqa: F401
-from .optim import sgd_update  # noqa: F401 (multi-tensor update: CUDA only, not in __all__)
+from .optim import adam_update, sgd_update  # noqa: F401 (multi-tensor: CUDA only, not in __all__)
 from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from .elementwise import (relu_backward, relu_forward, residual_add_backward,
                           residual_add_forward)

@@ -155,3 +155,48 @@ def test_bench_launches_gpu_branch_runs_on_the_simulated_device(kc, capsys):
     launches.print_report({"model": "seed", "mode": "gpu", "gpu": "x", "batch": 1,
                            "channels": 1, "rows": [row, row]})
     assert "launches per step" in capsys.readouterr().out
+
+
+def _adam_reference(params, grads, steps, **kwargs):
+    import minires
+    from minires import optim
+    ps = [minires.Parameter(p.copy()) for p in params]
+    opt = (optim.AdamW if kwargs.pop("decoupled") else optim.Adam)(ps, **kwargs)
+    for _ in range(steps):
+        for p, g in zip(ps, grads):
+            p.grad = g.copy()
+        opt.step()
+    return [p.data for p in ps], opt
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decoupled, weight_decay", [(False, 0.0), (False, 0.1), (True, 0.05)])
+def test_adam_update_matches_the_per_tensor_optimizer_bitwise(kc, rng, dtype, decoupled,
+                                                              weight_decay):
+    """14 tensors (two launches of at most 12), one empty, two steps; tensor 0 one step
+    behind the others (its own bias correction)."""
+    shapes = [(3, 2), (0,), (2, 2, 3)] + [(i % 3 + 1,) for i in range(11)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    kwargs = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=weight_decay,
+                  decoupled=decoupled)
+    want, opt = _adam_reference(params, grads, 2, **dict(kwargs))
+    got = [p.copy() for p in params]
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    kc.reset_launch_counts()
+    for t in (1, 2):
+        kc.adam_update(got, grads, ms, vs, [t] * len(got), kwargs["lr"], kwargs["betas"],
+                       kwargs["eps"], weight_decay, decoupled)
+    assert kc.launch_counts() == {"adam_kernel": 4}
+    for i, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ms[i], opt.state[i]["exp_avg"])
+        np.testing.assert_array_equal(vs[i], opt.state[i]["exp_avg_sq"])
+    # per-tensor step counts: tensor 0 at its first step while the others are at their third
+    one = [params[0].copy()]
+    m0, v0 = [np.zeros_like(params[0])], [np.zeros_like(params[0])]
+    kc.adam_update(one + got[1:], grads, m0 + ms[1:], v0 + vs[1:], [1] + [3] * 13,
+                   kwargs["lr"], kwargs["betas"], kwargs["eps"], weight_decay, decoupled)
+    first, _ = _adam_reference(params[:1], grads[:1], 1, **dict(kwargs))
+    np.testing.assert_array_equal(one[0], first[0])
