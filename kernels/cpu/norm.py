@@ -62,15 +62,6 @@ def forward_channels(x, gamma, beta, first, stop, training, eps, relu, y, mean, 
         _normalise(x, c, mean[c], gamma[c] * inv_std[c], beta[c], relu, y)
 
 
-@njit(cache=True, parallel=True)
-def forward_parallel(x, gamma, beta, training, eps, relu, y, mean, inv_std, var, chunks):
-    """forward_channels over all channels, split in `chunks` ranges run in parallel."""
-    c = x.shape[1]
-    for k in prange(chunks):
-        forward_channels(x, gamma, beta, k * c // chunks, (k + 1) * c // chunks, training, eps,
-                         relu, y, mean, inv_std, var)
-
-
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
 def _grad_sums(gy, x, c, mu, scale, beta, relu):
     """(sum(g), sum(g * (x - mean))) over channel c in float64; g = gy, masked by y > 0 when
@@ -116,18 +107,29 @@ def backward_channels(gy, x, gamma, beta, mean, inv_std, first, stop, training, 
         _grad_x(gy, x, c, mu, scale, beta[c], relu, gx.dtype.type(a), gx.dtype.type(b), gx)
 
 
+# The passes `parallel` runs, by code: one parallel driver for both halves compiles in about
+# half the time of two (a parallel function compiles slowly).
+FORWARD, BACKWARD = 0, 1
+
+
 @njit(cache=True, parallel=True)
-def backward_parallel(gy, x, gamma, beta, mean, inv_std, training, relu, gx, ggamma, gbeta,
-                      chunks):
-    """backward_channels over all channels, split in `chunks` ranges run in parallel."""
+def parallel(op, x, gy, gamma, beta, mean, inv_std, var, training, relu, eps, out, ggamma,
+             gbeta, chunks):
+    """forward_channels (FORWARD: y = out; gy, ggamma and gbeta unread) or backward_channels
+    (BACKWARD: gx = out; var and eps unread) over all channels, in `chunks` parallel ranges."""
     c = x.shape[1]
     for k in prange(chunks):
-        backward_channels(gy, x, gamma, beta, mean, inv_std, k * c // chunks,
-                          (k + 1) * c // chunks, training, relu, gx, ggamma, gbeta)
+        first, stop = k * c // chunks, (k + 1) * c // chunks
+        if op == FORWARD:
+            forward_channels(x, gamma, beta, first, stop, training, eps, relu, out, mean,
+                             inv_std, var)
+        elif op == BACKWARD:  # no else: the wrappers below pass one of the two codes
+            backward_channels(gy, x, gamma, beta, mean, inv_std, first, stop, training, relu,
+                              out, ggamma, gbeta)
 
 
 # --- the public kernels -----------------------------------------------------------------
-_PARALLEL_MIN = 1 << 16  # elements: smaller inputs run on the calling thread
+_PARALLEL_MIN = 1 << 15  # elements: below, one thread is as fast (launch cost, measured)
 
 
 def _planes(a):
@@ -148,13 +150,14 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     if not training:
         mean[:] = running_mean
         inv_std[:] = 1 / np.sqrt(running_var.astype(dtype, copy=False) + eps)
-    args = (_planes(x), gamma, beta, bool(training), float(eps), bool(relu), _planes(y), mean,
-            inv_std, var)
+    x3, y3, training, relu = _planes(x), _planes(y), bool(training), bool(relu)
     chunks = _chunks(x)
     if chunks == 1:
-        forward_channels(*args[:3], 0, c, *args[3:])
+        forward_channels(x3, gamma, beta, 0, c, training, float(eps), relu, y3, mean, inv_std,
+                         var)
     else:
-        launch(forward_parallel, *args, chunks)
+        launch(parallel, FORWARD, x3, x3, gamma, beta, mean, inv_std, var, training, relu,
+               float(eps), y3, mean, inv_std, chunks)
     if training:
         update_running(running_mean, running_var, mean, var, x.size // c, momentum)
     return y, mean, inv_std
@@ -165,11 +168,12 @@ def batch_norm_backward(gy, x, gamma, beta, mean, inv_std, training, relu):
     dtype, c = x.dtype, x.shape[1]
     gx = outputs.empty(x.shape, dtype=dtype)
     ggamma, gbeta = np.empty(c, dtype), np.empty(c, dtype)
-    args = (_planes(gy), _planes(x), gamma, beta, mean, inv_std)
-    rest = (bool(training), bool(relu), _planes(gx), ggamma, gbeta)
+    gy3, x3, gx3, training, relu = _planes(gy), _planes(x), _planes(gx), bool(training), bool(relu)
     chunks = _chunks(x)
     if chunks == 1:
-        backward_channels(*args, 0, c, *rest)
+        backward_channels(gy3, x3, gamma, beta, mean, inv_std, 0, c, training, relu, gx3, ggamma,
+                          gbeta)
     else:
-        launch(backward_parallel, *args, *rest, chunks)
+        launch(parallel, BACKWARD, x3, gy3, gamma, beta, mean, inv_std, np.empty(c), training,
+               relu, 0.0, gx3, ggamma, gbeta, chunks)
     return gx, ggamma, gbeta
