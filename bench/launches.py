@@ -217,27 +217,40 @@ def run_simulated(args):
         env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
         argv = ["launches", "--simulate"] + (["--json"] if args.json else [])
         return subprocess.call([sys.executable, "-m", "bench", *argv], env=env)
-    from bench import _simcupy
-    from minires import kernels
     from minires.kernels import cuda
     if not cuda.SIMULATOR:
         print("python -m bench launches: error: NUMBA_ENABLE_CUDASIM=1 is set but numba.cuda "
               "is not simulating", file=sys.stderr)
         return 2
-    proxy = _SimKernels(cuda)
-    saved = kernels.backend_for, kernels.backend_name, sys.getswitchinterval()
-    kernels.backend_for, kernels.backend_name = (lambda x: proxy), (lambda x: "numba-cuda-sim")
+    interval = sys.getswitchinterval()
     # The simulator's block manager polls its threads: a 0.1 ms switch interval instead of
     # 5 ms makes it several times quicker (as tests/cuda_sim does).
     sys.setswitchinterval(1e-4)
     try:
-        with _simcupy.fake_cupy():
+        with simulated_device(cuda):
             report = measure("cuda", simulated=True)
     finally:
-        kernels.backend_for, kernels.backend_name = saved[:2]
-        sys.setswitchinterval(saved[2])
+        sys.setswitchinterval(interval)
     _print(report, args.json)
     return 0
+
+
+@contextlib.contextmanager
+def simulated_device(cuda):
+    """Inside: bench._simcupy stands in for CuPy (minires sees a GPU), and minires.kernels
+    dispatches the stand-in's arrays (NumPy arrays underneath) to kernels.cuda under the
+    simulator, through its table of loaded backends (kernels._loaded: the stand-in's arrays
+    are host arrays to it)."""
+    from bench import _simcupy
+    from minires import kernels
+    saved = dict(kernels._loaded)
+    kernels._loaded["cpu"] = (_SimKernels(cuda), "numba-cuda (simulator)")
+    try:
+        with _simcupy.fake_cupy():
+            yield
+    finally:
+        kernels._loaded.clear()
+        kernels._loaded.update(saved)
 
 
 class _SimKernels:

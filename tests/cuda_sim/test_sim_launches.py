@@ -139,16 +139,9 @@ def test_conv_relu_mask_propagates_nan_as_relu_backward(kc):
 def test_bench_launches_gpu_branch_runs_on_the_simulated_device(kc, capsys):
     """bench.launches.count as `--device cuda` runs it (no CuPy estimate; CUPTI absent here,
     so CuPy's kernels are reported as not counted), on bench._simcupy's stand-in device."""
-    from bench import _simcupy, launches
-    from minires import kernels
-    proxy = launches._SimKernels(kc)
-    saved = kernels.backend_for
-    kernels.backend_for = lambda x: proxy
-    try:
-        with _simcupy.fake_cupy():
-            row = launches.count("cuda", 1, 1, per_tensor=False, torch=None)
-    finally:
-        kernels.backend_for = saved
+    from bench import launches
+    with launches.simulated_device(kc):
+        row = launches.count("cuda", 1, 1, per_tensor=False, torch=None)
     assert row["minires_kernels"]["sgd_kernel"] == 1 and row["launches_per_step"] is None
     assert row["minires_launches"] == sum(row["minires_kernels"].values()) >= 20
     assert "not counted" in row["how"] and row["cupti"] is None
