@@ -58,8 +58,8 @@ class _FirstBatches(data.DataLoader):
 
 def _optimizer(run, params, total_steps):
     """minires's optimizer and schedule, built by the very functions `minires train` uses."""
-    opt = cli._optimizer(run, params)
-    return opt, cli._schedule(run, opt, total_steps)
+    opt = cli.make_optimizer(run, params)
+    return opt, cli.make_schedule(run, opt, total_steps)
 
 
 def _lr_values(run, total_steps):
@@ -183,7 +183,7 @@ def torch_round(ctx, loader, test_loader, rnd, lrs):
 
 
 def _torch_optimizer(torch, run, params, lr):
-    if run["optimizer"] == "sgd":  # as minires.cli._optimizer
+    if run["optimizer"] == "sgd":  # as minires.cli.make_optimizer
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     if run["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=lr)

@@ -40,8 +40,8 @@ def _step_fn(device, channels, batch):
     rng = np.random.default_rng(0)
     model = models.seed_net(channels, rng=0, track_grad_norms=True).to(device)
     cfg = dict(cli.DEFAULTS, lr=cli.DEFAULT_LR["sgd"])
-    opt = cli._optimizer(cfg, model.parameters())
-    sched = cli._schedule(cfg, opt, 1000)
+    opt = cli.make_optimizer(cfg, model.parameters())
+    sched = cli.make_schedule(cfg, opt, 1000)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch)
 

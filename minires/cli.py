@@ -135,8 +135,8 @@ def _train(args, device, cfg, resume, wall):
     test_loader = data.DataLoader(*test_set, batch_size=EVAL_BATCH, shuffle=False,
                                   device=device)
     model = MODELS[cfg["model"]](cfg["seed"]).to(device)
-    optimizer = _optimizer(cfg, model.parameters())
-    scheduler = _schedule(cfg, optimizer, cfg["epochs"] * len(loader))
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = make_schedule(cfg, optimizer, cfg["epochs"] * len(loader))
     out = _out_dir(args)
     _print_header(cfg, model, device, len(loader.labels), out)
     checking = anomaly.detect_anomaly() if args.detect_anomaly else contextlib.nullcontext()
@@ -226,13 +226,16 @@ def _check_settings(cfg):
             raise UsageError(f"--{key} must be >= 0, got {cfg[key]}")
 
 
-def _optimizer(cfg, params):
+def make_optimizer(cfg, params):
+    """The optimizer `minires train` uses for run settings cfg (public: `python -m bench epoch`
+    builds the same run)."""
     if cfg["optimizer"] == "sgd":
         return optim.SGD(params, cfg["lr"], momentum=0.9, nesterov=True)
     return {"adam": optim.Adam, "adamw": optim.AdamW}[cfg["optimizer"]](params, cfg["lr"])
 
 
-def _schedule(cfg, optimizer, total_steps):
+def make_schedule(cfg, optimizer, total_steps):
+    """The learning-rate schedule of run settings cfg over total_steps, or None."""
     if cfg["schedule"] == "cosine":
         return optim.CosineLR(optimizer, total_steps)
     if cfg["schedule"] == "onecycle":
