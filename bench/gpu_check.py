@@ -14,9 +14,9 @@ DIR/<stage>.log:
   epoch      python -m bench epoch --device cuda       one epoch beside PyTorch eager
 
 DIR/summary.json and DIR/summary.md (rewritten after every stage, so a killed run still leaves
-one): per stage status (pass / fail / skip / timeout), seconds, key figures, the last output
+them): per stage status (pass / fail / skip / timeout), seconds, key figures, the last output
 lines on failure; the GPU's name and the versions of python, numpy, numba, numba-cuda, cupy and
-torch. The budgets sum to STAGE_BUDGET_S (< 8 minutes) and the run stops starting stages at
+torch. DIR/train holds the training run. The budgets sum to STAGE_BUDGET_S (< 8 minutes) and the run stops starting stages at
 --total seconds. Exit code 0 when no stage failed or timed out.
 
 --dry-run runs the same plumbing without a GPU: each stage runs its CPU or simulator
@@ -56,8 +56,8 @@ def _py(*args):
 
 
 # (name, title, budget s, real command, dry-run command, parser, needs MNIST). Budgets: H100,
-# numba-cuda compiling every kernel on first use (the cache in DIR/numba_cache serves the
-# later stages). They sum to STAGE_BUDGET_S.
+# numba-cuda compiling every kernel on first use (Numba's cache serves the later stages).
+# They sum to STAGE_BUDGET_S.
 def stages(out):
     train_out = str(out / "train")
     return [
@@ -434,7 +434,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench gpu-check", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--out", required=True, help="folder for summary.md, summary.json, one log "
-                   "per stage, the training run and the Numba cache")
+                   "per stage and the training run")
     p.add_argument("--dry-run", action="store_true", help="no GPU: run every stage's CPU or "
                    "simulator counterpart on tiny inputs")
     p.add_argument("--data", help="folder with the four MNIST .gz files (default "
@@ -446,13 +446,13 @@ def parse_args(argv):
 
 
 def child_env(args, out):
-    """The stages' environment: the checkout on PYTHONPATH, MINIRES_DATA, a Numba cache the
-    stages share (compile once)."""
+    """The stages' environment: the checkout on PYTHONPATH and MINIRES_DATA. Numba's and
+    CuPy's kernel caches stay where they are (by default __pycache__ beside the kernels in the
+    checkout and ~/.cupy): the stages share them, so each kernel compiles once."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     data = args.data or env.get("MINIRES_DATA") or str(REPO / "data" / "mnist")
     env["MINIRES_DATA"] = str(pathlib.Path(data).resolve())
-    env.setdefault("NUMBA_CACHE_DIR", str(out / "numba_cache"))
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the real target (the dry-run tests stage sets it)
     return env
