@@ -16,8 +16,8 @@ DIR/<stage>.log:
 DIR/summary.json and DIR/summary.md (rewritten after every stage, so a killed run still leaves
 them): per stage status (pass / fail / skip / timeout), seconds, key figures, the last output
 lines on failure; the GPU's name and the versions of python, numpy, numba, numba-cuda, cupy and
-torch. DIR/train holds the training run. The budgets sum to STAGE_BUDGET_S (< 8 minutes) and the run stops starting stages at
---total seconds. Exit code 0 when no stage failed or timed out.
+torch. DIR/train holds the training run. The budgets sum to STAGE_BUDGET_S (< 8 minutes);
+no stage runs past --total seconds. Exit code 0 when no stage failed or timed out.
 
 --dry-run runs the same plumbing without a GPU: each stage runs its CPU or simulator
 counterpart on tiny inputs (gpu tests skip themselves; two CUDA-simulator tests; gradcheck on
