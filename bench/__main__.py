@@ -109,26 +109,20 @@ def main(argv=None):
 
 
 def _warm_kernels(xp):
-    """Run every kernel once on tiny float32 inputs; return the seconds it took (the JIT
-    compile, or loading the cache)."""
+    """Run every registered kernel once on its float32 test cases (tiny, and big enough to be
+    split over threads); return the seconds it took (the JIT compile, or loading the cache)."""
     import time
 
     import numpy as np
 
     from minires import kernels
+    from minires.kernels import registry
     t0 = time.perf_counter()
-    x = xp.ones((2, 2, 5, 5), dtype=np.float32)
-    w = xp.ones((2, 2, 3, 3), dtype=np.float32)
-    y = kernels.conv2d_forward(x, w, None, (1, 1), (1, 1))
-    kernels.conv2d_backward_input(y, w, x.shape, (1, 1), (1, 1))
-    kernels.conv2d_backward_weight(y, x, w.shape, (1, 1), (1, 1), True)
-    for a in (x, xp.ones((4, 4, 256, 128), dtype=np.float32)):  # small, and big enough to
-        r = kernels.relu_forward(a)                            # be split over threads
-        kernels.relu_backward(a, r)
-        s = kernels.residual_add_forward(a, a, None, False)
-        kernels.residual_add_backward(s, s, a, None, False)
-        p, am = kernels.max_pool2d_forward(a, (2, 2), (2, 2))
-        kernels.max_pool2d_backward(p, am, a.shape, (2, 2), (2, 2))
+    rng = np.random.default_rng(0)
+    for kernel in registry.KERNELS:
+        for case in kernel.cases(rng, np.float32):
+            args = [xp.asarray(a) if isinstance(a, np.ndarray) else a for a in case.args]
+            getattr(kernels, kernel.name)(*args)
     return time.perf_counter() - t0
 
 

@@ -6,7 +6,9 @@ import tokenize
 from conftest import REPO
 
 # Code lines (no blank lines, comments or docstrings). Raise only with a reason in the commit.
-CODE_LINE_BUDGET = {"minires": 6000, "kernels": 2000}
+# kernels: 2000 + 250 for kernels/registry.py's test cases and bench rows of every kernel (~170
+# code lines of test and bench data that lived in tests/ and bench/ before the one registry).
+CODE_LINE_BUDGET = {"minires": 6000, "kernels": 2250}
 TENSOR_PY_MAX_LINES = 400
 
 

@@ -2,18 +2,18 @@
 kernels/reference.py, for float32 and float64 NumPy arrays (inputs may be non-contiguous;
 they are read, never modified).
 
-One module per family: conv (with its @njit loops in conv_loops), elementwise (ReLU, the fused
-residual add), pooling, norm (batch norm, optionally + ReLU), memory (scratch and output reuse,
-threads, the launch lock).
+One module per family, named by kernels/registry.py: conv (its @njit loops in conv_loops and
+conv_simd), elementwise (ReLU, the fused residual add), pooling, norm (batch norm, optionally +
+ReLU); memory holds scratch and output reuse, threads and the launch lock. Each registered
+kernel is imported here from its family's module, so a new kernel or family needs no edit here.
 """
-from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from .elementwise import (relu_backward, relu_forward, residual_add_backward,
-                          residual_add_forward)
-from .memory import launch, outputs, scratch, threads  # noqa: F401 (pools, for tests)
-from .norm import batch_norm_backward, batch_norm_forward
-from .pooling import max_pool2d_backward, max_pool2d_forward
+import importlib
 
-__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
-           "relu_forward", "relu_backward", "residual_add_forward", "residual_add_backward",
-           "max_pool2d_forward", "max_pool2d_backward", "batch_norm_forward",
-           "batch_norm_backward"]
+from .. import registry
+from .memory import launch, outputs, scratch, threads  # noqa: F401 (pools, for tests)
+
+for _kernel in registry.KERNELS:
+    globals()[_kernel.name] = getattr(importlib.import_module(f".{_kernel.family}", __name__),
+                                      _kernel.name)
+del _kernel
+__all__ = list(registry.NAMES)
