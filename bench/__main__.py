@@ -109,20 +109,15 @@ def main(argv=None):
 
 
 def _warm_kernels(xp):
-    """Run every registered kernel once on its float32 test cases (tiny, and big enough to be
-    split over threads); return the seconds it took (the JIT compile, or loading the cache)."""
+    """Run every registered kernel once on its float32 test cases; return the seconds it took
+    (the JIT compile, or loading the cache)."""
     import time
 
     import numpy as np
 
     from minires import kernels
-    from minires.kernels import registry
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    for kernel in registry.KERNELS:
-        for case in kernel.cases(rng, np.float32):
-            args = [xp.asarray(a) if isinstance(a, np.ndarray) else a for a in case.args]
-            getattr(kernels, kernel.name)(*args)
+    kernels.warm_up(xp, np.float32)
     return time.perf_counter() - t0
 
 

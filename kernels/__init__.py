@@ -73,6 +73,18 @@ del _kernel
 PUBLIC_KERNELS = registry.NAMES  # the registered kernels, in registry order
 
 
+def warm_up(xp=np, dtype=np.float32):
+    """Run every registered kernel once on its test cases (tiny, and big enough to be split
+    over threads) with arrays of module xp (numpy or cupy) and this dtype, so that Numba
+    compiles them now (or loads them from its cache) rather than inside the first training
+    step. Returns nothing; a kernel that fails raises as it would in training."""
+    rng = np.random.default_rng(0)
+    for kernel in registry.KERNELS:
+        for case in kernel.cases(rng, dtype):
+            args = [xp.asarray(a) if isinstance(a, np.ndarray) else a for a in case.args]
+            globals()[kernel.name](*args)
+
+
 def _multi_tensor(name, params, *groups):
     """The kernel module's multi-tensor function `name` when it can update these lists (one
     per parameter each, same shapes, one float dtype, C-contiguous, all on the device), else

@@ -27,6 +27,7 @@ MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip co
 # seed net: measured 98.57% (seed 0). In a one-epoch sweep of the same net and batches, SGD
 # (Nesterov) 0.05 one-cycle gave 98.44-98.63% over 6 seeds, Adam 5e-3 one-cycle 98.12-98.54%,
 # Adam 3e-3 97.85% and Adam 1e-3 97.26% (this Kaiming init starts at a loss near 10).
+COLD_COMPILE_S = 15  # seconds a cold Numba cache takes to compile every kernel (2 cores)
 DEFAULTS = dict(model="seed", optimizer="sgd", lr=None, schedule="onecycle", epochs=1,
                 batch_size=64, seed=0, limit=0)
 DEFAULT_LR = {"sgd": 0.05, "adam": 5e-3, "adamw": 5e-3}  # SGD: momentum 0.9, Nesterov
@@ -139,6 +140,7 @@ def _train(args, device, cfg, resume, wall):
     scheduler = make_schedule(cfg, optimizer, cfg["epochs"] * len(loader))
     out = _out_dir(args)
     _print_header(cfg, model, device, len(loader.labels), out)
+    _warm_up_kernels(device, model)
     checking = anomaly.detect_anomaly() if args.detect_anomaly else contextlib.nullcontext()
     try:
         with checking:
@@ -162,6 +164,15 @@ def _train(args, device, cfg, resume, wall):
           f"{result['seconds'] - train_s:.1f} s, wall time {time.perf_counter() - wall:.1f} s "
           f"| {out}")
     return 0
+
+
+def _warm_up_kernels(device, model):
+    """Compile (or load from Numba's cache) every kernel before the progress bar starts, and
+    say so when that takes a while (a fresh install's first run)."""
+    first = model.parameters()[0]
+    with runtime.notice_if_slow(f"compiling the {device.upper()} kernels (first run only, "
+                                f"~{COLD_COMPILE_S} s)"):
+        F.warm_up_kernels(backend.array_module(first.data), first.dtype)
 
 
 def _profile(args, parts, device, out, cfg, resume):

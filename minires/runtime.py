@@ -8,6 +8,9 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import sys
+import threading
+import time
 
 import numpy as np
 import threadpoolctl
@@ -190,3 +193,26 @@ def gpu_rows():
     runtime = backend.array_module(x).cuda.runtime.runtimeGetVersion()
     return rows + [("gpu", backend.gpu_name()),
                    ("cuda runtime", f"{runtime // 1000}.{runtime % 1000 // 10}")]
+
+
+@contextlib.contextmanager
+def notice_if_slow(message, after=2.0, file=None):
+    """Run the block; if it is still running after `after` seconds, print `message` (to
+    stderr by default) and, once it ends, how long it took. Quick blocks print nothing: a warm
+    start that loads Numba's cache stays silent, a cold one says why the terminal waits."""
+    file = sys.stderr if file is None else file
+    start, shown = time.perf_counter(), threading.Event()
+
+    def show():
+        shown.set()
+        print(message, end=" ... ", file=file, flush=True)
+
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if shown.is_set():
+            print(f"done in {time.perf_counter() - start:.1f} s", file=file, flush=True)

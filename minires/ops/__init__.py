@@ -25,6 +25,12 @@ def kernel_backend(array):
     return _kernels.backend_name(array)
 
 
+def warm_up_kernels(xp, dtype):
+    """Compile (or load from Numba's cache) every kernel for arrays of module xp and dtype
+    before a run starts: a fresh install's first run compiles them, which takes a while."""
+    _kernels.warm_up(xp, dtype)
+
+
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "to_device",
     "sum", "mean", "max",
