@@ -106,3 +106,26 @@ def test_facts_of_this_machine():
     assert rows["vector isa"] == runtime.vector_isa()
     gpu = dict(runtime.gpu_rows())
     assert "gpu" in gpu and "cupy" in gpu
+
+
+def test_notice_if_slow_speaks_only_for_a_slow_block():
+    """A slow block (here: one that waits until the notice is out, so no timing is assumed)
+    gets the message and its duration; a quick one nothing."""
+    import io
+    import threading
+
+    class Watched(io.StringIO):
+        printed = threading.Event()
+
+        def write(self, s):
+            self.printed.set()
+            return super().write(s)
+
+    slow = Watched()
+    with runtime.notice_if_slow("compiling", after=0.0, file=slow):
+        assert slow.printed.wait(timeout=60)
+    assert slow.getvalue().startswith("compiling ... done in ")
+    quick = io.StringIO()
+    with runtime.notice_if_slow("compiling", after=3600, file=quick):
+        pass
+    assert quick.getvalue() == ""
