@@ -201,11 +201,14 @@ def notice_if_slow(message, after=2.0, file=None):
     stderr by default) and, once it ends, how long it took. Quick blocks print nothing: a warm
     start that loads Numba's cache stays silent, a cold one says why the terminal waits."""
     file = sys.stderr if file is None else file
-    start, shown = time.perf_counter(), threading.Event()
+    start, lock, state = time.perf_counter(), threading.Lock(), {"shown": False, "done": False}
 
     def show():
-        shown.set()
-        print(message, end=" ... ", file=file, flush=True)
+        with lock:  # never after the block ended, and never half a line
+            if not state["done"]:
+                state["shown"] = True
+                file.write(f"{message} ... ")
+                file.flush()
 
     timer = threading.Timer(after, show)
     timer.daemon = True
@@ -214,5 +217,8 @@ def notice_if_slow(message, after=2.0, file=None):
         yield
     finally:
         timer.cancel()
-        if shown.is_set():
-            print(f"done in {time.perf_counter() - start:.1f} s", file=file, flush=True)
+        with lock:
+            state["done"] = True
+            if state["shown"]:
+                file.write(f"done in {time.perf_counter() - start:.1f} s\n")
+                file.flush()

@@ -186,11 +186,15 @@ def test_sigkill_at_a_random_moment_while_checkpointing_every_step(straight, mni
     """Killed from outside at an arbitrary time (checkpoint-every 1: most of the run is
     spent near a write), after ~20 steps, then resumed."""
     proc = _launch(tmp_path, mnist_dir, every=1)
-    metrics, deadline = tmp_path / "metrics.csv", time.monotonic() + 120
+    metrics, deadline = tmp_path / "metrics.csv", time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
         if metrics.exists() and metrics.read_text().count("\n") > 20:
             break
         time.sleep(0.002)
+    else:  # the run ended, or wrote no 20 rows in 10 minutes: say so, don't kill blindly
+        proc.kill()
+        pytest.fail(f"the run {'ended' if proc.poll() is not None else 'stalled'} before 20 "
+                    f"metrics rows; output: {proc.communicate(timeout=60)[1][-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert 1 <= _saved_step(tmp_path) <= STEPS

@@ -1,18 +1,13 @@
 """Training loops on real MNIST subsets: loss goes down, evaluate, checkpoints, bit-identical
-resume (in process and after a SIGKILL), NaN stop."""
-import csv
+resume in process (after a SIGKILL: tests/test_run.py), NaN stop."""
 import gc
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import minires.ops as F
-from conftest import REPO, TRAIN_SMOKE_ACCURACY
+from conftest import TRAIN_SMOKE_ACCURACY
 from minires import checkpoint, cli, data, models, optim, run, runtime, train
 from minires.tensor import Function, Tensor
 
@@ -146,48 +141,6 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(mnist, tmp_path):
     assert info.value.step == 6
     step, weights, _ = _weights(tmp_path / "checkpoint.npz")
     assert step == 4 and all(np.isfinite(w).all() for w in weights.values())
-
-
-def _cli(*args, out):
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "minires", "train", "--limit", "512", "--batch-size", "16",
-           "--checkpoint-every", "4", "--threads", "1", "--out", str(out), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_sigkill_then_resume_is_bit_identical(mnist_dir, tmp_path):
-    """Straight run vs. a run SIGKILLed after its step-4 checkpoint and resumed: same bits."""
-    straight = _cli(out=tmp_path / "a")
-    killed = _cli(out=tmp_path / "b")
-    metrics = tmp_path / "b" / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and killed.poll() is None:
-        if metrics.exists() and len(_rows(metrics)) >= 5:  # step 5 runs: checkpoint 4 is done
-            break
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()
-    step = checkpoint.load(tmp_path / "b" / "checkpoint.npz")["step"]
-    assert 4 <= step < 32  # killed mid-run, after a checkpoint
-    resumed = _cli("--resume", str(tmp_path / "b" / "checkpoint.npz"), out=tmp_path / "b")
-    for proc in (straight, resumed):
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        assert "test accuracy" in stdout
-    a = checkpoint.load(tmp_path / "a" / "checkpoint.npz")
-    b = checkpoint.load(tmp_path / "b" / "checkpoint.npz")
-    assert a["step"] == b["step"] == 32
-    for part in ("model", "optimizer"):
-        for key in a[part]:
-            np.testing.assert_array_equal(a[part][key], b[part][key])
-    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(metrics)
 
 
 @pytest.mark.slow
