@@ -1,6 +1,7 @@
 """The built wheel installs one top-level import name, minires (kernels/ goes in as
 minires.kernels: a top-level `kernels` would clash with Hugging Face's package of that name)."""
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,11 +12,20 @@ from conftest import REPO
 
 
 def _build_wheel(out):
-    """Build minires's wheel into `out`; without build isolation when setuptools is here."""
+    """Build minires's wheel into `out` from a copy of the sources (a build in the checkout
+    would leave build/ and .egg-info there); without build isolation when setuptools is
+    here (no download then)."""
+    src = out / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "minires", "kernels"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        kwargs = {"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree \
+            else {}
+        copy(REPO / name, src / name, **kwargs)
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out)]
     if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
         cmd.append("--no-build-isolation")
-    proc = subprocess.run(cmd + [str(REPO)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + [str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = out.glob("minires-*.whl")
     return wheel
