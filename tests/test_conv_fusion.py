@@ -1,10 +1,15 @@
-"""The CPU conv kernels fused with a ReLU (relu=True forward, the ReLU output y masking gy in
-both backward kernels) against kernels.reference, at odd shapes and the ResNet shapes the
-register tiles were tuned for, on one and two threads."""
+"""Conv + ReLU fusion: the CPU kernels (relu=True forward, the ReLU output y masking gy in both
+backward kernels) against kernels.reference at odd shapes and the ResNet shapes the register
+tiles were tuned for, on one and two threads; the op F.conv2d(..., relu=True) (gradcheck,
+reference); nn.Sequential's fusion of a layer's forward_relu with the nn.ReLU after it."""
 import numpy as np
 import pytest
 
-from conftest import fwd_tol
+import minires
+import minires.ops as F
+from conftest import fwd_tol, tol
+from minires import nn
+from minires.gradcheck import away_from_kinks, gradcheck
 from minires.kernels import reference as ref
 
 cpu = pytest.importorskip("minires.kernels.cpu", reason="Numba CPU kernels unavailable")
@@ -55,18 +60,23 @@ def test_fused_relu_matches_reference(rng, dtype, x_shape, w_shape, stride, padd
         np.testing.assert_array_equal(a, kept)
 
 
-def test_relu_mask_propagates_nan_as_reference(rng):
-    """A masked inf in gy gives NaN (inf * 0), as kernels.reference.relu_backward; an unmasked
-    one stays inf; NaN passes the forward ReLU, as numpy.maximum."""
+def test_relu_mask_treats_special_values_as_relu_backward(rng):
+    """The fused backward equals kernels.cpu.relu_backward followed by the plain conv
+    backward, special values included (a masked inf or NaN gives 0, as in PyTorch); NaN
+    passes the forward ReLU, as numpy.maximum."""
     x = np.ones((1, 1, 3, 3), np.float32)
     w = np.ones((1, 1, 1, 1), np.float32)
     y = cpu.conv2d_forward(x, w, np.array([-2.0], np.float32), (1, 1), (0, 0), relu=True)
     assert (y == 0).all()
+    y[0, 0, 0, 0] = 1.0  # one position passes the mask
     gy = np.full(y.shape, np.inf, np.float32)
-    with np.errstate(invalid="ignore"):
-        gx = cpu.conv2d_backward_input(gy, w, x.shape, (1, 1), (0, 0), y=y)
-        gw, gb = cpu.conv2d_backward_weight(gy, x, w.shape, (1, 1), (0, 0), True, y=y)
-    assert np.isnan(gx).all() and np.isnan(gw).all() and np.isnan(gb).all()
+    gy[0, 0, 1, 1] = np.nan
+    g = cpu.relu_backward(gy, y)
+    np.testing.assert_array_equal(cpu.conv2d_backward_input(gy, w, x.shape, (1, 1), (0, 0), y=y),
+                                  cpu.conv2d_backward_input(g, w, x.shape, (1, 1), (0, 0)))
+    for a, b in zip(cpu.conv2d_backward_weight(gy, x, w.shape, (1, 1), (0, 0), True, y=y),
+                    cpu.conv2d_backward_weight(g, x, w.shape, (1, 1), (0, 0), True)):
+        np.testing.assert_array_equal(a, b)
     x = np.array([[[[-1.0, np.nan, 1.0]]]], np.float32)
     y = cpu.conv2d_forward(x, w, None, (1, 1), (0, 0), relu=True)
     assert y[0, 0, 0, 0] == 0 and np.isnan(y[0, 0, 0, 1]) and y[0, 0, 0, 2] == 1
@@ -82,3 +92,91 @@ def test_fused_relu_work_split(rng, nthreads):
             test_fused_relu_matches_reference(rng, np.float64, x_shape, w_shape, (1, 1), (1, 1))
     finally:
         numba.set_num_threads(before)
+
+
+# --- the op (F.conv2d(..., relu=True)), the layer and Sequential's fusion ----------------
+OP_CASES = [((2, 3, 6, 7), (4, 3, 3, 2), 1, 1), ((2, 3, 7, 5), (5, 3, 3, 3), 2, (0, 1)),
+            ((1, 2, 5, 5), (3, 2, 1, 1), 2, 0)]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", OP_CASES)
+def test_conv2d_relu_op_gradcheck(rng, x_shape, w_shape, stride, padding):
+    """Every input, float64; the pre-activation is kept away from the ReLU's kink."""
+    x, w = away_from_kinks(rng.standard_normal(x_shape)), rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    # shift the bias per channel until no pre-activation is within 0.05 of 0
+    pre = F.conv2d(x, w, None, stride=stride, padding=padding).numpy()
+    for o in range(w_shape[0]):
+        v = pre[:, o].ravel() + b[o]
+        while np.abs(v).min() < 0.05:
+            b[o] += 0.013
+            v = pre[:, o].ravel() + b[o]
+    gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=padding, relu=True),
+              [x, w, b], **tol("grad_f64"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", OP_CASES)
+def test_conv2d_relu_op_matches_reference(rng, dtype, x_shape, w_shape, stride, padding):
+    x, w, b = (_data(rng, s, dtype) for s in (x_shape, w_shape, w_shape[:1]))
+    def pair(v):
+        return (v, v) if isinstance(v, int) else v
+    y = F.conv2d(x, w, b, stride=stride, padding=padding, relu=True)
+    want = ref.relu_forward(ref.conv2d_forward(*(a.astype(np.float64) for a in (x, w, b)),
+                                               pair(stride), pair(padding)))
+    _check(y.numpy(), want, dtype)
+
+
+def _seq(rng, fuse):
+    """A small conv/ReLU/pool stack, including a ReLU after a non-fusing module."""
+    model = nn.Sequential(nn.Conv2d(1, 5, 3, padding=1, rng=rng, dtype=np.float64), nn.ReLU(),
+                          nn.Conv2d(5, 6, 3, stride=2, padding=1, rng=rng, dtype=np.float64),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 2 * 2, 3, rng=rng, dtype=np.float64))
+    model.fuse = fuse
+    return model
+
+
+def test_sequential_fused_equals_unfused(rng):
+    """Same output and the same gradients (to float tolerance) with and without fusion; the
+    fused model records no ReLU ops for the two conv + ReLU pairs."""
+    x = rng.standard_normal((4, 1, 9, 9))
+    results = []
+    for fuse in (True, False):
+        model = _seq(np.random.default_rng(7), fuse)
+        xt = minires.tensor(x, requires_grad=True)
+        y = model(xt)
+        (y * y).sum().backward()
+        results.append((y.numpy(), xt.grad, [p.grad for p in model.parameters()]))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    np.testing.assert_allclose(y1, y2, **fwd_tol(np.float64, True))
+    np.testing.assert_allclose(gx1, gx2, **fwd_tol(np.float64, True))
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, **fwd_tol(np.float64, True))
+
+
+def test_sequential_fuses_only_conv_then_exact_relu(rng):
+    calls = []
+
+    class Spy(nn.ReLU):  # a ReLU subclass is not "exactly nn.ReLU": it must run
+        def forward(self, x):
+            calls.append("spy")
+            return super().forward(x)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, rng=rng), Spy(), nn.Conv2d(2, 2, 1, rng=rng),
+                          nn.ReLU())
+    relu_calls = []
+    model[3].forward = lambda x: relu_calls.append(1) or F.relu(x)  # a hook on the instance
+    model(np.ones((1, 1, 5, 5), np.float32))
+    assert calls == ["spy"] and relu_calls == [1]
+
+
+def test_trace_modules_still_tags_fused_layers(rng):
+    """viz.trace_modules wraps each module's forward: those modules run unfused, tagged."""
+    from minires import viz
+    model = _seq(np.random.default_rng(1), True)
+    x = minires.tensor(rng.standard_normal((2, 1, 9, 9)))
+    with viz.trace_modules(model) as tags:
+        y = model(x)
+    names = set(tags.values())
+    assert {"0", "1", "2", "3"} <= names, names
+    assert y.shape == (2, 3)

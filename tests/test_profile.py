@@ -12,13 +12,20 @@ import pytest
 
 import minires
 import minires.ops as F
-from minires import models
+from minires import models, nn
 from minires.profile import Profiler, profile, profile_steps
 from minires.tensor import Function, Parameter
 
 T = importlib.import_module("minires.tensor")  # the module (minires.tensor is the function)
 SEED_OPS = {"Conv2d": 5, "ReLU": 5, "MaxPool2d": 2, "ResidualAdd": 1, "Reshape": 1,
             "Linear": 1, "CrossEntropy": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_op_per_layer(monkeypatch):
+    """The graphs here count one op per layer: nn.Sequential's conv + ReLU fusion is off
+    (tests/test_conv_fusion.py covers the fused models)."""
+    monkeypatch.setattr(nn.Sequential, "fuse", False)
 
 
 def counts(prof, phase):

@@ -10,12 +10,19 @@ import pytest
 
 import minires
 import minires.ops as F
-from minires import models, viz
+from minires import models, nn, viz
 from minires.tensor import Parameter
 
 NODE = re.compile(r'^\s*([tf]\d+) \[label="((?:[^"\\]|\\.)*)", (.*)\]$')
 EDGE = re.compile(r"^\s*([tf]\d+) -> ([tf]\d+)(?: \[label=(\d+)\])?;$")
 CLUSTER = re.compile(r'^\s*label="([^"]*)"; style=rounded')
+
+
+@pytest.fixture(autouse=True)
+def one_op_per_layer(monkeypatch):
+    """The graphs here count one op per layer: nn.Sequential's conv + ReLU fusion is off
+    (tests/test_conv_fusion.py covers the fused models)."""
+    monkeypatch.setattr(nn.Sequential, "fuse", False)
 
 
 def parse(dot):
@@ -90,7 +97,7 @@ def test_function_arguments_in_labels(rng):
     w = minires.tensor(rng.standard_normal((3, 2, 3, 3)))
     y = F.sum(F.max_pool2d(F.conv2d(x, w, stride=2, padding=1), 2), axis=1)
     labels = [label for label, _, _ in parse(viz.to_dot(y))[0].values()]
-    assert "Conv2d\nstride=(2, 2) padding=(1, 1)" in labels
+    assert "Conv2d\nstride=(2, 2) padding=(1, 1) relu=False" in labels
     assert "MaxPool2d\nkernel=(2, 2) stride=(2, 2)" in labels
     assert "Sum\naxis=1 keepdims=False" in labels
     assert viz.function_args(F.getitem(x, (0, slice(1, None), Ellipsis)).creator) == [

@@ -93,13 +93,25 @@ def _jobs(rows):
     return jobs
 
 
+def _out_size(x_shape, kh, kw, stride, padding):
+    """(OH, OW), after checking what the unchecked loops rely on (the dispatch checks it too;
+    the fused entry points of minires.ops reach these functions directly)."""
+    (sh, sw), (ph, pw) = stride, padding
+    oh = (x_shape[2] + 2 * ph - kh) // sh + 1
+    ow = (x_shape[3] + 2 * pw - kw) // sw + 1
+    if min(stride) < 1 or min(padding) < 0 or min(oh, ow, kh, kw) < 1 or len(x_shape) != 4:
+        raise ValueError(f"conv2d: x {tuple(x_shape)}, kernel ({kh}, {kw}), stride {stride} "
+                         f"and padding {padding} give no output")
+    return oh, ow
+
+
 @functools.lru_cache(maxsize=256)
 def forward_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
     """Plan for correlating x (x_shape) with an (nout, C, kh, kw) kernel: x padded and split
     into stride phases; one job, taps in (i, j) order."""
     (sh, sw), (ph, pw) = stride, padding
     n, c, h, w = x_shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    oh, ow = _out_size(x_shape, kh, kw, stride, padding)
     geo, chunks = _layout(x_shape, (ph, pw, ph, pw), stride, [(oh, ow)], nout, itemsize,
                           nthreads)
     plane = geo.plane
@@ -129,7 +141,7 @@ def input_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
     need; one job per (row phase, column phase)."""
     (sh, sw), (ph, pw) = stride, padding
     n, c, h, w = x_shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    oh, ow = _out_size(x_shape, kh, kw, stride, padding)
     rows, top, bottom = _phases(h, kh, sh, ph, oh)
     cols_, left, right = _phases(w, kw, sw, pw, ow)
     grids = [(u1 - u0 + 1, v1 - v0 + 1) for _, _, u0, u1 in rows for _, _, v0, v1 in cols_]
@@ -196,8 +208,22 @@ def _pad(x, padding):
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
 
-def _mask(y):
-    return None if y is None else np.ascontiguousarray(y)
+def _check_gy(gy, x_shape, w_shape, stride, padding):
+    """gy's shape is the forward output's (the loops trust it to size their copies)."""
+    oh, ow = _out_size(x_shape, w_shape[2], w_shape[3], stride, padding)
+    want = (x_shape[0], w_shape[0], oh, ow)
+    if tuple(gy.shape) != want or x_shape[1] != w_shape[1]:
+        raise ValueError(f"conv2d backward: gy {tuple(gy.shape)}, expected {want} for x "
+                         f"{tuple(x_shape)} and w {tuple(w_shape)}")
+
+
+def _mask(y, gy):
+    """The ReLU output y as a contiguous array of gy's dtype (None stays None)."""
+    if y is None:
+        return None
+    if y.shape != gy.shape:
+        raise ValueError(f"conv2d backward: y has shape {y.shape}, gy {gy.shape}")
+    return np.ascontiguousarray(y, dtype=gy.dtype)
 
 
 def conv2d_forward(x, w, b, stride, padding, relu=False):
@@ -207,6 +233,9 @@ def conv2d_forward(x, w, b, stride, padding, relu=False):
         return conv2d_forward(_pad(x, padding), w, b, stride, (0, 0), relu)
     x = np.ascontiguousarray(x)
     nout, _, kh, kw = w.shape
+    if x.shape[1] != w.shape[1] or (b is not None and tuple(b.shape) != (nout,)):
+        raise ValueError(f"conv2d: x {x.shape}, w {w.shape} and b "
+                         f"{None if b is None else b.shape} do not match")
     p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
                      threads())
     bias = np.zeros(nout, x.dtype) if b is None else np.asarray(b, x.dtype)
@@ -224,11 +253,12 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, y=None):
         gx = conv2d_backward_input(gy, w, (n, c, h + 2 * ph, wd + 2 * pw), stride, (0, 0), y)
         return np.ascontiguousarray(gx[:, :, ph:ph + h, pw:pw + wd])
     gy = np.ascontiguousarray(gy)
+    _check_gy(gy, x_shape, w.shape, stride, padding)
     nout, nin, kh, kw = w.shape
     p = input_plan(tuple(x_shape), nout, kh, kw, tuple(stride), tuple(padding), gy.itemsize,
                    threads())
     wpk = _pack_weights(np.asarray(w, gy.dtype), p, True)
-    return _correlate(gy, _mask(y), wpk, np.zeros(nin, gy.dtype), False, p, tuple(x_shape))
+    return _correlate(gy, _mask(y, gy), wpk, np.zeros(nin, gy.dtype), False, p, tuple(x_shape))
 
 
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
@@ -237,6 +267,7 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
     if _wide(w_shape[2:], padding):
         return conv2d_backward_weight(gy, _pad(x, padding), w_shape, stride, (0, 0), bias, y)
     gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
+    _check_gy(gy, x.shape, w_shape, stride, padding)
     nout, nin, kh, kw = w_shape
     p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
                      threads())
@@ -250,7 +281,7 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
              (("gygrid", geo, n), (n, ROWS, geo.length)),
              (("parts", nrows, cols.shape[0], n), (n, nrows, cols.shape[0])),
              (("bparts", nrows, n), (n, nrows))]
-    mask = _mask(y)
+    mask = _mask(y, gy)
     with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
         launch(cc.weight_grad, gy, gy if mask is None else mask, mask is not None, x, geo,
                cols, parts, bparts, bufs, grids, n, p.chunks)

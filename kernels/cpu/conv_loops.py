@@ -46,8 +46,8 @@ JOB = np.dtype([("ncols", np.int64), ("oh", np.int64), ("ow", np.int64), ("r0", 
 @njit(cache=True, nogil=True)
 def pack(src, mask, masked, n, buf, b, geo):
     """Copy src[n] (C, H, W) into slot b of buf (C, size), padded and split into phases;
-    masked: times (mask[n] > 0) (gy times the ReLU mask, mask the ReLU output; inf or NaN
-    there gives NaN, as kernels.reference.relu_backward).
+    masked: 0 where mask[n] > 0 fails (gy through the ReLU whose output is mask, as
+    kernels.cpu.relu_backward: a masked inf or NaN gives 0).
 
     Positions never written keep the zeros they were created with.
     """
@@ -83,7 +83,7 @@ def _pack_row(row, keep, masked, dst, at, geo):
         q = geo.left + w
         v = row[w]
         if masked and not keep[w] > zero:
-            v = v * zero
+            v = zero
         dst[at + (q % geo.psw) * geo.plane + q // geo.psw] = v
 
 
@@ -192,7 +192,7 @@ def _sum(a, n):
 
 @njit(cache=True, nogil=True)
 def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
-    """Copy gy[n0:n0+cnt, o] (times mask > 0 when masked) onto grid row i; zero it from the
+    """Copy gy[n0:n0+cnt, o] (0 where mask > 0 fails, when masked) onto grid row i; zero it from the
     last output to `length` (the tail may hold a fuller block's values); return its sum."""
     nout, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
     grid[i, end:length] = 0

@@ -255,8 +255,8 @@ def _copy_typer(dst, src, *others):
 
 def _copy(kind, dst, src, keep=None):
     """Codegen for dst[di + l] = op(src[si + l]), lanes l < min(n, LANES): op identity
-    ("copy"), ReLU keeping NaN ("relu"), or times the ReLU mask keep[si + l] > 0 ("mask": a
-    masked inf or NaN gives NaN, as v * 0 does)."""
+    ("copy"), ReLU keeping NaN ("relu"), or the ReLU mask: src where keep[si + l] > 0, else 0
+    ("mask"; as kernels.cpu.relu_backward and PyTorch: a masked inf or NaN gives 0)."""
     def codegen(context, builder, sig, values):
         darr, di_, sarr, si_, n_ = values[:5]
         mask = _first(builder, n_, lanes(src.dtype))
@@ -266,7 +266,7 @@ def _copy(kind, dst, src, keep=None):
             v = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
         elif kind == "mask":
             k = _masked_load(builder, _at(context, builder, keep, values[5], si_), mask)
-            v = builder.select(builder.fcmp_ordered(">", k, zero), v, builder.fmul(v, zero))
+            v = builder.select(builder.fcmp_ordered(">", k, zero), v, zero)
         _masked_store(builder, v, _at(context, builder, dst, darr, di_), mask)
         return context.get_dummy_value()
     return codegen
@@ -290,7 +290,7 @@ def relu_vector(typingctx, dst, di, src, si, n):
 
 @intrinsic
 def mask_vector(typingctx, dst, di, src, si, n, keep):
-    """dst[di + l] = src[si + l] * (keep[si + l] > 0) for l < min(n, LANES)."""
+    """dst[di + l] = src[si + l] if keep[si + l] > 0 else 0, for l < min(n, LANES)."""
     if not _copy_typer(dst, src, keep):
         return None
     return types.none(dst, di, src, si, n, keep), _copy("mask", dst, src, keep)

@@ -80,10 +80,18 @@ class Conv2d(Module):
         self.bias = init.zeros((out_channels,), dtype) if bias else None
 
     def forward(self, x):
+        return self._conv(x, relu=False)
+
+    def forward_relu(self, x):
+        """relu(self(x)) as ONE op (ReLU applied as the kernel writes y, gy masked as the
+        backward kernels read it); Sequential calls it when an nn.ReLU follows."""
+        return self._conv(x, relu=True)
+
+    def _conv(self, x, relu):
         c = self.in_channels
         _check_input(self, x, lambda s: len(s) == 4 and s[1] == c, f"(N, {c}, H, W)",
                      " (add the batch axis: x[None])" if getattr(x, "ndim", 0) == 3 else "")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, relu=relu)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -12,43 +12,71 @@ from minires.ops._args import check_float, pair
 from minires.tensor import Function
 
 
+def _fusing(x):
+    """The kernel module whose conv kernels fuse a ReLU (relu= forward, y= backward: kernels.cpu
+    and kernels.cuda), or None where they do not (kernels.reference, empty arrays): the ReLU
+    then runs as its own kernels, with the same result."""
+    if x.size == 0 or kernels.backend_name(x) == "reference":
+        return None
+    return kernels.backend_for(x)
+
+
 class Conv2d(Function):
+    """conv2d, and with relu=True relu(conv2d) as one op: the kernels apply the ReLU as they
+    write y and mask gy by y > 0 as they read it (no ReLU pass over y or gy)."""
     uses_kernels = True
 
-    def __init__(self, stride, padding):
-        self.stride, self.padding = stride, padding
+    def __init__(self, stride, padding, relu=False):
+        self.stride, self.padding, self.relu = stride, padding, relu
 
     def forward(self, x, w, b=None):
         if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
             raise ValueError(f"conv2d: expected x (N, C, H, W) and w (O, C, KH, KW) with the "
                              f"same C, got x {x.shape} and w {w.shape}")
         check_float("conv2d", *(a for a in (x, w, b) if a is not None))
-        self.save_for_backward(x, w)
-        return kernels.conv2d_forward(x, w, b, self.stride, self.padding)
+        if not self.relu:
+            self.save_for_backward(x, w)
+            return kernels.conv2d_forward(x, w, b, self.stride, self.padding)
+        fused = _fusing(x)
+        if fused is None:
+            y = kernels.relu_forward(kernels.conv2d_forward(x, w, b, self.stride, self.padding))
+        else:
+            y = fused.conv2d_forward(x, w, b, self.stride, self.padding, relu=True)
+        self.save_for_backward(x, w, y)  # the output too: the ReLU mask is y > 0
+        return y
 
     def backward(self, gy):
-        x, w = self.saved
+        x, w, *out = self.saved
         need = self.needs_input_grad
+        kern, mask = kernels, {}
+        if out:  # fused ReLU: gy counts only where y > 0
+            kern = _fusing(gy)
+            if kern is None:
+                gy, kern = kernels.relu_backward(gy, out[0]), kernels
+            else:
+                mask = {"y": out[0]}
         gx = gw = gb = None
         if need[0]:
-            gx = kernels.conv2d_backward_input(gy, w, x.shape, self.stride, self.padding)
+            gx = kern.conv2d_backward_input(gy, w, x.shape, self.stride, self.padding, **mask)
         if any(need[1:]):
-            gw, gb = kernels.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding,
-                                                    bias=len(need) > 2)
+            gw, gb = kern.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding,
+                                                 len(need) > 2, **mask)
         return (gx, gw if need[1] else None, gb)[:len(need)]
 
 
-def conv2d(x, w, b=None, stride=1, padding=0):
-    """2-D cross-correlation, as torch.nn.functional.conv2d.
+def conv2d(x, w, b=None, stride=1, padding=0, relu=False):
+    """2-D cross-correlation, as torch.nn.functional.conv2d; relu=True gives relu of it as ONE
+    op (nn.Conv2d.forward_relu, used by Sequential when a ReLU follows).
 
     Args:
         x: input (N, C, H, W).
         w: weight (O, C, KH, KW).
         b: bias (O,) or None.
         stride, padding: an int or a pair (height, width).
+        relu: apply max(., 0) to the result (NaN kept, as relu).
     Returns:
         (N, O, OH, OW) tensor.
     """
     stride, padding = pair("conv2d", "stride", stride), pair("conv2d", "padding", padding)
-    f = Conv2d(stride, padding)
+    f = Conv2d(stride, padding, bool(relu))
     return f(x, w) if b is None else f(x, w, b)
