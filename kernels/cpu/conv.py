@@ -26,14 +26,18 @@ Plan = collections.namedtuple("Plan", "geo jobs cols taps chunks threads")
 
 
 def _blocks(nimg, per_block, nout_blocks, nthreads):
-    """(images per block, output-channel chunks): about per_block images per block, the
-    block count a multiple of the threads when there are enough images (even split), and
-    output-channel blocks split into chunks when there are too few blocks to keep threads
-    busy."""
-    blocks = -(-nimg // max(1, per_block))
-    if blocks >= nthreads:
-        blocks = -(-blocks // nthreads) * nthreads
-    nb = -(-nimg // blocks)
+    """(images per block, output-channel chunks): at most per_block images per block (at
+    least half that), chosen so the threads get equal image counts (work items are split
+    statically), and output-channel blocks split into chunks when there are too few image
+    blocks to keep every thread busy."""
+    def cost(nb):  # images on the busiest thread, then the most blocks (smaller is better)
+        blocks = -(-nimg // nb)
+        loads = [min(nimg, (t + 1) * blocks // nthreads * nb) - min(nimg, t * blocks
+                                                                   // nthreads * nb)
+                 for t in range(nthreads)]
+        return max(loads), -nb
+    top = max(1, min(per_block, nimg))
+    nb = min(range(max(1, top // 2), top + 1), key=cost)
     blocks = -(-nimg // nb)
     if blocks >= 2 * nthreads:
         return nb, 1
@@ -217,6 +221,18 @@ def _check_gy(gy, x_shape, w_shape, stride, padding):
                          f"{tuple(x_shape)} and w {tuple(w_shape)}")
 
 
+def _subsampled(x, kernel, stride, padding):
+    """(x, stride) as the loops see them: a 1x1 kernel with stride s and no padding reads
+    every s-th row and column only, so those are taken first (a copy a quarter of x's size
+    for s = 2) and the convolution has stride 1: no unread phase is packed."""
+    if tuple(kernel) == (1, 1) and tuple(padding) == (0, 0) and tuple(stride) != (1, 1):
+        view = x[:, :, ::stride[0], ::stride[1]]
+        sub = outputs.empty(view.shape, view.dtype)
+        np.copyto(sub, view)
+        return sub, (1, 1)
+    return np.ascontiguousarray(x), tuple(stride)
+
+
 def _mask(y, gy):
     """The ReLU output y as a contiguous array of gy's dtype (None stays None)."""
     if y is None:
@@ -231,13 +247,13 @@ def conv2d_forward(x, w, b, stride, padding, relu=False):
     act ReLU when relu, else identity (the ReLU is applied as y is written: no extra pass)."""
     if _wide(w.shape[2:], padding):
         return conv2d_forward(_pad(x, padding), w, b, stride, (0, 0), relu)
-    x = np.ascontiguousarray(x)
     nout, _, kh, kw = w.shape
     if x.shape[1] != w.shape[1] or (b is not None and tuple(b.shape) != (nout,)):
         raise ValueError(f"conv2d: x {x.shape}, w {w.shape} and b "
                          f"{None if b is None else b.shape} do not match")
-    p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
-                     threads())
+    _out_size(x.shape, kh, kw, tuple(stride), tuple(padding))
+    x, stride = _subsampled(x, (kh, kw), stride, padding)
+    p = forward_plan(x.shape, nout, kh, kw, stride, tuple(padding), x.itemsize, threads())
     bias = np.zeros(nout, x.dtype) if b is None else np.asarray(b, x.dtype)
     job = p.jobs[0]
     return _correlate(x, None, _pack_weights(np.asarray(w, x.dtype), p, False), bias, relu, p,
@@ -266,11 +282,11 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
     y: the forward's ReLU output; gy is then multiplied by (y > 0) as it is read."""
     if _wide(w_shape[2:], padding):
         return conv2d_backward_weight(gy, _pad(x, padding), w_shape, stride, (0, 0), bias, y)
-    gy, x = np.ascontiguousarray(gy), np.ascontiguousarray(x)
+    gy = np.ascontiguousarray(gy)
     _check_gy(gy, x.shape, w_shape, stride, padding)
     nout, nin, kh, kw = w_shape
-    p = forward_plan(x.shape, nout, kh, kw, tuple(stride), tuple(padding), x.itemsize,
-                     threads())
+    x, stride = _subsampled(x, (kh, kw), stride, padding)
+    p = forward_plan(x.shape, nout, kh, kw, stride, tuple(padding), x.itemsize, threads())
     geo, n = p.geo, p.threads
     ncols = nin * kh * kw
     cols = np.zeros(_round(ncols, COLS), np.int64)  # padding columns read position 0
