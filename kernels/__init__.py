@@ -59,7 +59,8 @@ def _dispatcher(kernel):
         if first.size == 0:
             return getattr(reference, name)(*args)
         kind = "cpu" if type(first) is np.ndarray or not is_device_array(first) else "cuda"
-        return getattr(_load(kind)[0], name)(*args)
+        module = _loaded[kind][0] if kind in _loaded else _load(kind)[0]
+        return getattr(module, name)(*args)
 
     dispatch.__name__ = dispatch.__qualname__ = name
     dispatch.__doc__ = getattr(reference, name).__doc__  # the semantics: the oracle's

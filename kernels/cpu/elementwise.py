@@ -1,11 +1,13 @@
-"""CPU ReLU and fused residual add: @njit loops over flat contiguous arrays and their public
-wrappers. Small arrays run on the calling thread; `chunked` splits a big one over threads (a
-parallel launch costs microseconds, so it pays only for large arrays).
+"""CPU ReLU and fused residual add: @njit loops over flat contiguous arrays, one parallel driver
+that splits any of them over threads, and the public wrappers.
+
+Small arrays run on the calling thread: a parallel launch costs more than the split saves
+below a few hundred thousand elements read and written (_SPLIT_MIN).
 """
 import numpy as np
 from numba import njit, prange
 
-from .memory import flat as _flat, launch, outputs, threads
+from .memory import launch, outputs, threads
 
 _REDUCE = {"contract", "reassoc", "nsz"}  # galpha is a sum: reassociation lets it vectorise
 
@@ -28,70 +30,67 @@ def relu_backward_loop(gy, y, gx):
 
 
 @njit(cache=True, nogil=True)
-def residual_forward(x, fx, alpha, relu, y):
-    """y = act(x + alpha * fx), act ReLU if relu; alpha a scalar (1 when the op has none)."""
-    zero, one = x.dtype.type(0), x.dtype.type(1)
-    n = x.shape[0]
-    if alpha == one:  # exactly x + fx: no rounding from a multiply by 1
-        if relu:
-            for i in range(n):
-                v = x[i] + fx[i]
-                y[i] = zero if v < zero else v
-        else:
-            for i in range(n):
-                y[i] = x[i] + fx[i]
-    elif relu:
-        for i in range(n):
+def residual_forward_loop(x, fx, alpha, relu, y):
+    """y = act(x + alpha * fx), act ReLU if relu; alpha is 1 when the op has none (1 * fx is
+    exactly fx, so the sum is exactly x + fx). All flat."""
+    zero = x.dtype.type(0)
+    if relu:
+        for i in range(x.shape[0]):
             v = x[i] + alpha * fx[i]
             y[i] = zero if v < zero else v
     else:
-        for i in range(n):
+        for i in range(x.shape[0]):
             y[i] = x[i] + alpha * fx[i]
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
-def _dot(g, fx):
-    """sum(g * fx), accumulated in float64 so a float32 sum over millions of terms stays
-    within the float32 tolerance."""
+def residual_backward_loop(gy, y, fx, alpha, relu, want, gx, gfx):
+    """ONE pass over the arrays: g = gy where y > 0 if relu (else gy), gx = g, gfx = alpha * g,
+    and, when want, the sum of g * fx (galpha) accumulated in float64, returned (else 0).
+    y is read only when relu, fx only when want. All flat. One loop per (relu, want), so
+    that no loop tests a flag per element."""
+    zero = gy.dtype.type(0)
     s = 0.0
-    for i in range(g.shape[0]):
-        s += g[i] * fx[i]
+    if relu and want:
+        for i in range(gy.shape[0]):
+            g = gy[i] if y[i] > zero else zero
+            gx[i] = g
+            gfx[i] = alpha * g
+            s += g * fx[i]
+    elif relu:
+        for i in range(gy.shape[0]):
+            g = gy[i] if y[i] > zero else zero
+            gx[i] = g
+            gfx[i] = alpha * g
+    elif want:
+        for i in range(gy.shape[0]):
+            g = gy[i]
+            gx[i] = g
+            gfx[i] = alpha * g
+            s += g * fx[i]
+    else:
+        for i in range(gy.shape[0]):
+            g = gy[i]
+            gx[i] = g
+            gfx[i] = alpha * g
     return s
 
 
-@njit(cache=True, nogil=True)
-def residual_backward(gy, y, fx, alpha, relu, want_galpha, gx, gfx):
-    """One pass: g = gy * (y > 0) if relu else gy; gx = g; gfx = alpha * g; returns
-    sum(g * fx) (galpha, float64) when want_galpha, else 0. All arrays flat."""
-    zero, one = gy.dtype.type(0), gy.dtype.type(1)
-    n = gy.shape[0]
-    if relu:
-        for i in range(n):
-            gx[i] = gy[i] if y[i] > zero else zero
-    else:
-        for i in range(n):
-            gx[i] = gy[i]
-    if alpha == one:
-        for i in range(n):
-            gfx[i] = gx[i]
-    else:
-        for i in range(n):
-            gfx[i] = alpha * gx[i]
-    return _dot(gx, fx) if want_galpha else 0.0
-
-
-# The operations `chunked` runs, by code (Numba compiles one parallel driver for all four).
+# The loops `split` runs, by name. An unknown code is refused by _split before any launch;
+# the driver has no else branch, so it could not compute something else instead.
 RELU_FORWARD, RELU_BACKWARD, RESIDUAL_FORWARD, RESIDUAL_BACKWARD = 0, 1, 2, 3
-_OPS = (RELU_FORWARD, RELU_BACKWARD, RESIDUAL_FORWARD, RESIDUAL_BACKWARD)
+OPERATIONS = {RELU_FORWARD: "relu_forward", RELU_BACKWARD: "relu_backward",
+              RESIDUAL_FORWARD: "residual_forward", RESIDUAL_BACKWARD: "residual_backward"}
 
 
 @njit(cache=True, parallel=True)
-def chunked(op, a, b, c, d, e, alpha, relu, want, parts, chunks):
-    """Run one elementwise kernel over `chunks` contiguous ranges in parallel: RELU_FORWARD
+def split(op, a, b, c, d, e, alpha, relu, want, parts, chunks):
+    """Run one loop over `chunks` contiguous ranges in parallel: RELU_FORWARD
     relu_forward_loop(a, b), RELU_BACKWARD relu_backward_loop(a, b, c), RESIDUAL_FORWARD
-    residual_forward(a, b, alpha, relu, c), RESIDUAL_BACKWARD residual_backward(a, b, c, alpha,
-    relu, want, d, e) with chunk k's galpha share in parts[k]. Unused array slots take any array of the dtype. One driver for all four keeps
-    the compile time down (a parallel function compiles slowly).
+    residual_forward_loop(a, b, alpha, relu, c), RESIDUAL_BACKWARD residual_backward_loop(a,
+    b, c, alpha, relu, want, d, e) with chunk k's galpha share in parts[k]. Unused array slots
+    take any array of the dtype. One driver for all four keeps the compile time down (a
+    parallel function compiles slowly).
     """
     n = a.shape[0]
     for k in prange(chunks):
@@ -101,72 +100,100 @@ def chunked(op, a, b, c, d, e, alpha, relu, want, parts, chunks):
         elif op == RELU_BACKWARD:
             relu_backward_loop(a[lo:hi], b[lo:hi], c[lo:hi])
         elif op == RESIDUAL_FORWARD:
-            residual_forward(a[lo:hi], b[lo:hi], alpha, relu, c[lo:hi])
-        elif op == RESIDUAL_BACKWARD:  # no else: an unknown code is refused by _elementwise
-            parts[k] = residual_backward(a[lo:hi], b[lo:hi], c[lo:hi], alpha, relu, want,
-                                         d[lo:hi], e[lo:hi])
+            residual_forward_loop(a[lo:hi], b[lo:hi], alpha, relu, c[lo:hi])
+        elif op == RESIDUAL_BACKWARD:
+            parts[k] = residual_backward_loop(a[lo:hi], b[lo:hi], c[lo:hi], alpha, relu, want,
+                                              d[lo:hi], e[lo:hi])
 
 
 # --- the public kernels -----------------------------------------------------------------
-_SPLIT_MIN = 1 << 19  # elements: smaller arrays run on the calling thread (no launch cost)
+# Arrays with fewer elements than _SPLIT_MIN / (arrays the loop reads and writes) run on the
+# calling thread: a Numba parallel launch costs ~4-5 us (measured on 2 cores; docs/kernels.md),
+# more than splitting saves below that size (ReLU forward: 131k elements, backward: 87k).
+_SPLIT_MIN = 1 << 18
 
 
-def _elementwise(op, serial, arrays, alpha=None, relu=False, want=False):
-    """Run `serial()` on the calling thread, or split the same kernel over threads through
-    chunked(op, ...) for big arrays; returns what op 3 returns (the galpha sum)."""
-    n = arrays[0].shape[0]
-    chunks = threads() if n >= _SPLIT_MIN else 1
-    if chunks == 1:
-        return serial()
-    slots = (arrays + (arrays[0],) * 5)[:5]
-    alpha = arrays[0].dtype.type(1) if alpha is None else alpha  # one signature for all ops
-    parts = np.zeros(chunks)
-    launch(chunked, op, *slots, alpha, relu, want, parts, chunks)
-    return parts.sum()
+def _threaded(n, arrays):
+    """How many chunks a loop over n elements of `arrays` arrays is split into (1: the calling
+    thread)."""
+    return 1 if n * arrays < _SPLIT_MIN else threads()
+
+
+_PARTS = np.zeros(1)  # the parts argument of the operations that do not sum (never written)
+
+
+def _split(op, arrays, chunks, alpha, relu=False, want=False):
+    """Run operation `op` through `split` in `chunks` chunks; returns the galpha sum of
+    RESIDUAL_BACKWARD (else 0). alpha: a scalar of the arrays' dtype (one compiled driver)."""
+    if op not in OPERATIONS:
+        raise ValueError(f"kernels.cpu.elementwise: unknown operation {op!r}; known: "
+                         f"{OPERATIONS}")
+    parts = np.empty(chunks) if op == RESIDUAL_BACKWARD else _PARTS
+    launch(split, op, *arrays, *(arrays[0],) * (5 - len(arrays)), alpha, relu, want, parts,
+           chunks)
+    return sum(parts.tolist()) if op == RESIDUAL_BACKWARD else 0.0  # in chunk order
+
+
+def _flat(a):
+    """a as a flat C-contiguous array: a view when it is contiguous, else a copy."""
+    return a.reshape(-1)
 
 
 def relu_forward(x):
     """max(x, 0), a new array of x's shape and dtype."""
-    y = outputs.empty(x.shape, dtype=x.dtype)
+    y = outputs.empty(x.shape, x.dtype)
     a, b = _flat(x), y.reshape(-1)
-    _elementwise(RELU_FORWARD, lambda: relu_forward_loop(a, b), (a, b))
+    chunks = _threaded(a.shape[0], 2)
+    if chunks == 1:
+        relu_forward_loop(a, b)
+    else:
+        _split(RELU_FORWARD, (a, b), chunks, x.dtype.type(1))
     return y
 
 
 def relu_backward(gy, y):
     """gy where the forward output y > 0, else 0 (a new array)."""
-    gx = outputs.empty(gy.shape, dtype=gy.dtype)
+    gx = outputs.empty(gy.shape, gy.dtype)
     a, b, c = _flat(gy), _flat(y), gx.reshape(-1)
-    _elementwise(RELU_BACKWARD, lambda: relu_backward_loop(a, b, c), (a, b, c))
+    chunks = _threaded(a.shape[0], 3)
+    if chunks == 1:
+        relu_backward_loop(a, b, c)
+    else:
+        _split(RELU_BACKWARD, (a, b, c), chunks, gy.dtype.type(1))
     return gx
 
 
-def _alpha_value(alpha, dtype):
-    return dtype.type(1) if alpha is None else dtype.type(np.asarray(alpha).reshape(()))
+def _scalar(alpha, dtype):
+    return dtype.type(1) if alpha is None else dtype.type(alpha.reshape(-1)[0])
 
 
 def residual_add_forward(x, fx, alpha, relu):
     """act(x + alpha * fx) in one pass; alpha None or a one-element array."""
-    y = outputs.empty(x.shape, dtype=x.dtype)
+    y = outputs.empty(x.shape, x.dtype)
     a, b, c = _flat(x), _flat(fx), y.reshape(-1)
-    al, relu = _alpha_value(alpha, x.dtype), bool(relu)
-    _elementwise(RESIDUAL_FORWARD, lambda: residual_forward(a, b, al, relu, c), (a, b, c), al, relu)
+    al, chunks = _scalar(alpha, x.dtype), _threaded(a.shape[0], 3)
+    if chunks == 1:
+        residual_forward_loop(a, b, al, relu, c)
+    else:
+        _split(RESIDUAL_FORWARD, (a, b, c), chunks, al, relu)
     return y
 
 
 def residual_add_backward(gy, y, fx, alpha, relu):
     """(gx, gfx, galpha) of act(x + alpha * fx) in one pass; galpha None when alpha is None.
 
-    y is read only when relu, fx only when alpha is given.
+    y is read only when relu, fx only when alpha is given; gx and gfx are new arrays.
     """
-    dtype, want, relu = gy.dtype, alpha is not None, bool(relu)
-    gx, gfx = outputs.empty(gy.shape, dtype=dtype), outputs.empty(gy.shape, dtype=dtype)
+    want = alpha is not None
+    gx, gfx = outputs.empty(gy.shape, gy.dtype), outputs.empty(gy.shape, gy.dtype)
     g = _flat(gy)
     arrays = (g, _flat(y) if relu else g, _flat(fx) if want else g, gx.reshape(-1),
               gfx.reshape(-1))
-    al = _alpha_value(alpha, dtype)
-    galpha = _elementwise(RESIDUAL_BACKWARD, lambda: residual_backward(*arrays[:3], al, relu, want,
-                                                          *arrays[3:]), arrays, al, relu, want)
+    al, chunks = _scalar(alpha, gy.dtype), _threaded(g.shape[0], 3 + relu + want)
+    if chunks == 1:
+        galpha = residual_backward_loop(*arrays[:3], al, relu, want, *arrays[3:])
+    else:
+        galpha = _split(RESIDUAL_BACKWARD, arrays, chunks, al, relu, want)
     if not want:
         return gx, gfx, None
     return gx, gfx, np.asarray(galpha, dtype=alpha.dtype).reshape(alpha.shape)

@@ -1,4 +1,5 @@
-"""The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward.
+"""The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward
+(without alpha the backward is gy itself, or one ReLU-mask pass, shared by both inputs).
 
 Imports minires.tensor, minires.ops._args (dtype check) and kernels.
 """
@@ -26,10 +27,15 @@ class ResidualAdd(Function):
         return y
 
     def backward(self, gy):
+        # Without alpha both inputs get the same gradient, so they share ONE array, as Add's
+        # do: gy itself (no pass over memory), or gy masked once by the ReLU. Safe because
+        # backward never writes into a gradient it was handed (tensor.py: pending gradients
+        # are summed into new arrays, a leaf's .grad starts as a copy; hooks must not write).
         y, fx, alpha = self.saved
-        if alpha is None and not self.relu:
-            return gy, gy  # y = x + fx: both gradients are gy itself, no pass over memory
-        if alpha is not None and fx is None:
+        if alpha is None:
+            g = kernels.relu_backward(gy, y) if self.relu else gy
+            return g, g
+        if fx is None:
             # alpha is a constant: no galpha reduction needed, so skip the fused kernel
             g = kernels.relu_backward(gy, y) if self.relu else gy
             return g, g * alpha.reshape(()), None
@@ -40,7 +46,8 @@ def residual_add(x, fx, alpha=None, relu=False):
     """act(x + alpha * fx) as ONE fused op: x the skip (N, ...), fx the block output of the
     same shape (never broadcast), alpha None or a scalar tensor (ReZero), act ReLU if relu.
 
-    Backward returns the gradients to x, fx and alpha in one kernel pass.
+    Backward: without alpha, x and fx get the same gradient array (gy, or gy masked by the
+    ReLU); with alpha, the gradients to x, fx and alpha come from one fused kernel pass.
     """
     f = ResidualAdd(bool(relu))
     return f(x, fx) if alpha is None else f(x, fx, alpha)
