@@ -21,8 +21,9 @@ from .memory import borrowed, launch, outputs, threads
 
 _GRID_TARGET = 1536  # stack small images until a block's grid is about this long
 # geo: the packed layout (conv_loops.Geo); jobs (J,) conv_loops.JOB; cols (J, K) buffer
-# positions per (channel, tap) of each job; taps: per job the (weight row, column) of each tap
-Plan = collections.namedtuple("Plan", "geo jobs cols taps chunks threads")
+# positions per (channel, tap) of each job; taps (J, T): each job's taps as flat indices into
+# the KH*KW kernel, ntaps (J,) how many
+Plan = collections.namedtuple("Plan", "geo jobs cols taps ntaps chunks threads")
 
 
 def _blocks(nimg, per_block, nout_blocks, nthreads):
@@ -75,7 +76,7 @@ def _layout(x_shape, pads, strides, grids, nout, itemsize, nthreads):
     return geo, chunks
 
 
-def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps):
+def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps, kw):
     """The Plan: geo sized for every read and write, jobs, and each job's column positions."""
     length = max(_round((geo.nb - 1) * geo.img + oh * geo.wq, geo.strip) for oh, _ in grids)
     written = (geo.psh * geo.psw * geo.plane if geo.plane else
@@ -87,7 +88,12 @@ def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps):
     for j, offs in enumerate(offsets):  # column c*T + t of job j reads channel c, tap t
         cols[j, :nchannels * len(offs)] = (np.arange(nchannels)[:, None] * geo.size
                                           + np.asarray(offs, np.int64)[None, :]).ravel()
-    return Plan(geo, None, cols, taps, chunks, nthreads)
+    tap_index = np.zeros((len(taps), max([len(t) for t in taps] + [1])), np.int64)
+    for j, tj in enumerate(taps):  # (row, column) -> flat index into a KH*KW kernel
+        tap_index[j, :len(tj)] = [i * kw + jj for i, jj in tj]
+    ntaps = np.array([len(t) for t in taps], np.int64)
+    tap_index.flags.writeable = ntaps.flags.writeable = False
+    return Plan(geo, None, cols, tap_index, ntaps, chunks, nthreads)
 
 
 def _jobs(rows):
@@ -122,7 +128,7 @@ def forward_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
     offs = [((i % sh) * sw + j % sw) * plane + (i // sh) * geo.wq + j // sw
             for i in range(kh) for j in range(kw)]
     taps = [(i, j) for i in range(kh) for j in range(kw)]
-    plan = _finish(geo, [(oh, ow)], [offs], c, nthreads, chunks, (tuple(taps),))
+    plan = _finish(geo, [(oh, ow)], [offs], c, nthreads, chunks, (tuple(taps),), kw)
     return plan._replace(jobs=_jobs([(c * kh * kw, oh, ow, 0, 1, 0, 1)]))
 
 
@@ -159,29 +165,16 @@ def input_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
             taps.append(tuple((sh * i + a, sw * j + b) for i in range(ka) for j in range(kb)))
             jobs.append((nout * ka * kb, u1 - u0 + 1, v1 - v0 + 1, sh * u0 + a - ph, sh,
                          sw * v0 + b - pw, sw))
-    plan = _finish(geo, grids, offsets, nout, nthreads, chunks, tuple(taps))
+    plan = _finish(geo, grids, offsets, nout, nthreads, chunks, tuple(taps), kw)
     return plan._replace(jobs=_jobs(jobs))
 
 
 def _pack_weights(w, plan, by_input):
-    """wpk (J, OB, K, ROWS): job j's weight for output channel o (of the correlation) and
-    column k = (channel, tap) at [j, o // ROWS, k, o % ROWS], zero-padded.
-
-    by_input: the correlation's outputs are w's input channels (the input gradient).
-    """
+    """wpk (J, OB, K, ROWS) for conv_loops.correlate (see conv_loops.pack_weights)."""
     nrows = w.shape[1] if by_input else w.shape[0]
-    nblocks = -(-nrows // ROWS)
-    wpk = np.zeros((len(plan.taps), nblocks, plan.cols.shape[1], ROWS), w.dtype)
-    for j, taps in enumerate(plan.taps):
-        if not taps:
-            continue
-        ii, jj = zip(*taps)
-        sub = w[:, :, list(ii), list(jj)]  # (O, C, T)
-        if by_input:
-            sub = sub.transpose(1, 0, 2)  # (C, O, T): outputs are input channels
-        flat = np.zeros((nblocks * ROWS, sub.shape[1] * sub.shape[2]), w.dtype)
-        flat[:nrows] = sub.reshape(nrows, -1)
-        wpk[j, :, :flat.shape[1]] = flat.reshape(nblocks, ROWS, -1).transpose(0, 2, 1)
+    wpk = np.empty((len(plan.taps), -(-nrows // ROWS), plan.cols.shape[1], ROWS), w.dtype)
+    w = np.ascontiguousarray(w).reshape(w.shape[0], w.shape[1], -1)
+    cc.pack_weights(w, plan.taps, plan.ntaps, by_input, wpk)
     return wpk
 
 

@@ -103,6 +103,25 @@ def _pack_block(src, mask, masked, n0, cnt, buf, geo, clear):
 
 
 @njit(cache=True, nogil=True)
+def pack_weights(w, taps, ntaps, by_input, wpk):
+    """wpk[j, o // ROWS, c*T + t, o % ROWS] = w[o, c, taps[j, t]] (T = ntaps[j]), zero
+    elsewhere: each job's weights, output channels in blocks of ROWS (by_input: the
+    correlation's outputs o are w's input channels, w[c, o, .]: the input gradient).
+
+    w (O, C, KH*KW), taps (J, T) flat kernel indices, wpk (J, OB, K, ROWS).
+    """
+    nrows, nch = (w.shape[1], w.shape[0]) if by_input else (w.shape[0], w.shape[1])
+    wpk[:] = 0
+    for j in range(taps.shape[0]):
+        for o in range(nrows):
+            dst = wpk[j, o // ROWS]
+            for c in range(nch):
+                for t in range(ntaps[j]):
+                    k = taps[j, t]
+                    dst[c * ntaps[j] + t, o % ROWS] = w[c, o, k] if by_input else w[o, c, k]
+
+
+@njit(cache=True, nogil=True)
 def _grid_length(cnt, oh, geo):
     """Grid positions a block of cnt images needs, rounded up to whole strips (the buffers
     have room for the rounding)."""
