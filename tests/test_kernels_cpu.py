@@ -229,6 +229,32 @@ def test_max_pool2d(rng, dtype, shape, kernel, stride, split):
            reduce=False)
 
 
+def test_unknown_elementwise_operation_is_refused_before_any_launch(monkeypatch):
+    """The parallel driver picks its loop by code and has no else branch: an unknown code must
+    raise, never run another loop or nothing (docs/design.md: no silent fallthrough)."""
+    ew = cpu.elementwise
+    launched = []
+    monkeypatch.setattr(ew, "launch", lambda *args: launched.append(args))
+    x = np.ones(8, np.float32)
+    unknown = max(ew.OPERATIONS) + 1
+    with pytest.raises(ValueError, match="unknown operation"):
+        ew._split(unknown, (x, x.copy()), 2, np.float32(1))
+    assert not launched
+    ew._split(ew.RELU_FORWARD, (x, x.copy()), 2, np.float32(1))  # a known one launches
+    assert len(launched) == 1
+
+
+def test_max_pool2d_backward_refuses_an_argmax_outside_the_window(rng, split):
+    x = _data(rng, (2, 3, 6, 6), np.float32)
+    _, am = cpu.max_pool2d_forward(x, (2, 2), (2, 2))
+    gy = _data(rng, am.shape, np.float32)
+    for bad in (4, -1):
+        wrong = am.copy()
+        wrong[1, 2, 0, 1] = bad
+        with pytest.raises(ValueError, match="argmax"):
+            cpu.max_pool2d_backward(gy, wrong, x.shape, (2, 2), (2, 2))
+
+
 def test_scratch_pool_is_bounded(rng):
     w = _data(rng, (2, 1, 3, 3), np.float32)
     for size in range(5, 5 + 2 * cpu.scratch.max_keys):
@@ -285,6 +311,35 @@ def test_residual_relu_pool_ops_gradcheck(rng, alpha, relu):
                                            relu=relu), inputs, **tol("grad_f64"))
     gc.gradcheck(F.relu, [x], **tol("grad_f64"))
     gc.gradcheck(lambda t: F.max_pool2d(t, 2, 1), [gc.distinct(x)], **tol("grad_f64"))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_add_shares_one_gradient_array_safely(rng, relu):
+    """Without alpha, ResidualAdd hands ONE array to both inputs (gy itself, or gy masked by
+    the ReLU). Backward must never write into such an array: leaves get copies, pending
+    gradients are summed into new arrays. A second backward accumulates into each .grad
+    separately, and x reaching the add twice (through a ReLU too) still gets the sum."""
+    import minires as mr
+    import minires.ops as F
+    x = mr.tensor(rng.standard_normal((2, 3, 4, 4)), requires_grad=True)
+    fx = mr.tensor(rng.standard_normal((2, 3, 4, 4)), requires_grad=True)
+    gy = rng.standard_normal((2, 3, 4, 4))
+    kept = gy.copy()
+    y = F.residual_add(x, fx, relu=relu)
+    mask = (y.numpy() > 0) if relu else np.ones(gy.shape, bool)
+    y.backward(gy, retain_graph=True)
+    np.testing.assert_array_equal(gy, kept)  # the caller's array is untouched
+    assert not np.shares_memory(x.grad, fx.grad) and not np.shares_memory(x.grad, gy)
+    np.testing.assert_array_equal(x.grad, gy * mask)
+    y.backward(gy)  # accumulates with += into each leaf's own array
+    np.testing.assert_array_equal(x.grad, 2 * gy * mask)
+    np.testing.assert_array_equal(fx.grad, 2 * gy * mask)
+    h = mr.tensor(rng.standard_normal((2, 3, 4, 4)), requires_grad=True)
+    z = F.residual_add(h, F.relu(h), relu=relu)  # h gets the shared array twice over
+    z.backward(gy)
+    g = gy * ((z.numpy() > 0) if relu else 1)
+    np.testing.assert_allclose(h.grad, g + g * (h.numpy() > 0))
+    np.testing.assert_array_equal(gy, kept)
 
 
 # --- the fallback when kernels.cpu cannot be imported -------------------------------------

@@ -177,3 +177,40 @@ def test_device_arrays_refused_under_simulator(kc):
 
     with pytest.raises(TypeError, match="kernels.cuda.relu_backward.*NumPy"):
         kc.relu_backward(np.zeros(2, np.float32), FakeDeviceArray())
+
+
+# --- every registered kernel (kernels/registry.py), on its first tiny test cases ------------
+def _registered():
+    from minires.kernels import registry
+    return registry.KERNELS
+
+
+def _copy(a, same_dtype=True):
+    """A copy of an array argument (float64 for the oracle unless same_dtype); others as is."""
+    if not isinstance(a, np.ndarray):
+        return a
+    return a.copy() if same_dtype or a.dtype.kind != "f" else a.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", _registered(), ids=lambda k: k.name)
+def test_registered_kernel_matches_reference(kc, kernel, dtype):
+    """A kernel added to the registry is tested here without a new test: kernels.cuda's
+    function on the entry's first two tiny cases (the simulator is slow) against the
+    reference, compared as tests/test_registry.py compares the CPU kernels."""
+    exact = set(kernel.compare) == {"exact"}
+    cases = [c for c in kernel.cases(np.random.default_rng(2), dtype) if not c.threaded][:2]
+    for case in cases:
+        args, oracle = [_copy(a) for a in case.args], [_copy(a, exact) for a in case.args]
+        got, want = getattr(kc, kernel.name)(*args), getattr(ref, kernel.name)(*oracle)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        for g, w, mode in zip(got, want, kernel.compare):
+            if w is None:
+                assert g is None
+            elif mode == "exact":
+                np.testing.assert_array_equal(g, w)
+            else:
+                assert g.dtype == dtype and g.shape == w.shape
+                np.testing.assert_allclose(g, w, **fwd_tol(dtype, mode == "reduce"))
+        for k in kernel.mutates:
+            np.testing.assert_allclose(args[k], oracle[k], **fwd_tol(dtype, True))
