@@ -17,7 +17,8 @@ import numpy as np
 
 from . import conv_loops as cc
 from .conv_simd import COLS, ROWS, VBYTES
-from .memory import borrowed, launch, outputs, threads
+from .conv_threads import team
+from .memory import borrowed, outputs, threads
 
 _GRID_TARGET = 1536  # stack small images until a block's grid is about this long
 # geo: the packed layout (conv_loops.Geo); jobs (J,) conv_loops.JOB; cols (J, K) buffer
@@ -187,8 +188,9 @@ def _correlate(src, mask, wpk, bias, relu, plan, out_shape):
     specs = [(("pack", src.shape[1:], geo, n), (n, src.shape[1], geo.size)),
              (("acc", geo.length, n), (n, ROWS, geo.length))]
     with borrowed(specs, src.dtype) as (bufs, accs):
-        launch(cc.correlate, src, src if mask is None else mask, mask is not None, geo,
-               plan.jobs, plan.cols, wpk, bias_p, relu, out, bufs, accs, n, plan.chunks)
+        team.run(cc.correlate, (src, src if mask is None else mask, mask is not None, geo,
+                                plan.jobs, plan.cols, wpk, bias_p, relu, out, bufs, accs,
+                                plan.chunks), n)
     return out
 
 
@@ -292,8 +294,8 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
              (("bparts", nrows, n), (n, nrows))]
     mask = _mask(y, gy)
     with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
-        launch(cc.weight_grad, gy, gy if mask is None else mask, mask is not None, x, geo,
-               cols, parts, bparts, bufs, grids, n, p.chunks)
+        team.run(cc.weight_grad, (gy, gy if mask is None else mask, mask is not None, x, geo,
+                                  cols, parts, bparts, bufs, grids, p.chunks), n)
         gw = parts.sum(axis=0)[:nout, :ncols].reshape(w_shape)
         gb = bparts.sum(axis=0)[:nout]
     return gw, (gb if bias else None)

@@ -29,7 +29,7 @@ correlations over one packed buffer: the stride phases of the input gradient. Jo
 import collections
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .conv_simd import (COLS, ROWS, copy_vector, mask_vector, relu_vector, split_pair, tile_dot,
                         tile_fma, tile_splat, tile_store, tile_sum_into)
@@ -153,9 +153,21 @@ def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
 
 
 @njit(cache=True, nogil=True)
-def _correlate_part(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, buf, acc,
-                    first, stop, chunks):
-    """Work items first..stop-1 of correlate, on one thread's scratch (buf, acc)."""
+def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, accs, chunks,
+              share, shares):
+    """out[n, o] = act(bias[o] + sum_k wpk[j, o // ROWS, k, o % ROWS] * packed(src[n])[cols[j,
+    k] + grid]) for every job j, emitted as the job says: this thread's share of the work.
+
+    src, mask (N, C, H, W) (mask read only when masked); wpk (J, OB, K, ROWS) (output channels
+    in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bias (OB*ROWS,); out
+    (N, O, ., .). bufs (shares, C, size) and accs (shares, ROWS, length) are per-thread
+    scratch. Work items (block of images, chunk of output-channel blocks) are split statically
+    into `shares` ranges, this call doing range `share` (kernels/cpu/conv_threads.py runs the
+    shares at once); a thread packs a block once per run of its items.
+    """
+    tasks = -(-src.shape[0] // geo.nb) * chunks
+    first, stop = share * tasks // shares, (share + 1) * tasks // shares
+    buf, acc = bufs[share], accs[share]
     nblocks = wpk.shape[1]
     per = -(-nblocks // chunks)
     last = -1
@@ -181,25 +193,6 @@ def _correlate_part(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bu
                 _emit(acc, rows, out, n0, cnt, ob * ROWS, job, geo, relu)
 
 
-@njit(cache=True, parallel=True)
-def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, accs, threads,
-              chunks):
-    """out[n, o] = act(bias[o] + sum_k wpk[j, o // ROWS, k, o % ROWS] * packed(src[n])[cols[j,
-    k] + grid]) for every job j, emitted as the job says.
-
-    src, mask (N, C, H, W) (mask read only when masked); wpk (J, OB, K, ROWS) (output channels
-    in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bias (OB*ROWS,); out
-    (N, O, ., .). bufs (threads, C, size) and accs (threads, ROWS, length) are per-thread
-    scratch. Work items (block of images, chunk of output-channel blocks) are split statically
-    over `threads`; a thread packs a block once per run of its items. The parallel body is one
-    call (a small parfor compiles fast).
-    """
-    tasks = -(-src.shape[0] // geo.nb) * chunks
-    for th in prange(threads):
-        _correlate_part(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs[th],
-                        accs[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
-
-
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
 def _sum(a, n):
     """a[0] + ... + a[n-1] (reassociated: it vectorises)."""
@@ -211,8 +204,9 @@ def _sum(a, n):
 
 @njit(cache=True, nogil=True)
 def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
-    """Copy gy[n0:n0+cnt, o] (0 where mask > 0 fails, when masked) onto grid row i; zero it from the
-    last output to `length` (the tail may hold a fuller block's values); return its sum."""
+    """Copy gy[n0:n0+cnt, o] (0 where mask > 0 fails, when masked) onto grid row i; zero it
+    from the last output to `length` (the tail may hold a fuller block's values); return its
+    sum."""
     nout, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
     grid[i, end:length] = 0
     for b in range(cnt):
@@ -228,8 +222,20 @@ def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
 
 
 @njit(cache=True, nogil=True)
-def _weight_part(gy, mask, masked, src, geo, cols, part, bpart, buf, grid, first, stop, chunks):
-    """Work items first..stop-1 of weight_grad, summed into one thread's part and bpart."""
+def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, chunks, share,
+                shares):
+    """parts[share, o, k] = this thread's share of sum_n sum_grid gy[n, o] *
+    packed(src[n])[cols[k] + grid] (gy zero where mask > 0 fails, when masked);
+    bparts[share, o] its share of sum gy[n, o].
+
+    gy, mask (N, O, OH, OW), src (N, C, H, W), cols (K,) buffer positions of the (input
+    channel, tap) pairs, K a multiple of COLS. Scratch: bufs (shares, C, size), grids
+    (shares, ROWS, length) zero outside the output positions; parts (shares, OB*ROWS, K),
+    bparts (shares, OB*ROWS), summed over the shares by the caller: no atomics.
+    """
+    tasks = -(-gy.shape[0] // geo.nb) * chunks
+    first, stop = share * tasks // shares, (share + 1) * tasks // shares
+    part, bpart, buf, grid = parts[share], bparts[share], bufs[share], grids[share]
     nout = gy.shape[1]
     nblocks = part.shape[0] // ROWS
     per = -(-nblocks // chunks)
@@ -259,19 +265,3 @@ def _weight_part(gy, mask, masked, src, geo, cols, part, bpart, buf, grid, first
                 for p in range(0, length, geo.lanes):
                     t = tile_dot(t, grid, p, geo.length, buf, cols, kb, p)
                 tile_sum_into(t, part, ob * ROWS * ncols + kb, ncols)
-
-
-@njit(cache=True, parallel=True)
-def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, threads, chunks):
-    """parts[th, o, k] = thread th's share of sum_n sum_grid gy[n, o] * packed(src[n])[cols[k]
-    + grid] (gy times mask > 0 when masked); bparts[th, o] its share of sum gy[n, o].
-
-    gy, mask (N, O, OH, OW), src (N, C, H, W), cols (K,) buffer positions of the (input
-    channel, tap) pairs, K a multiple of COLS. Scratch: bufs (threads, C, size), grids
-    (threads, ROWS, length) zero outside the output positions; parts (threads, OB*ROWS, K),
-    bparts (threads, OB*ROWS), summed over threads by the caller.
-    """
-    tasks = -(-gy.shape[0] // geo.nb) * chunks
-    for th in prange(threads):
-        _weight_part(gy, mask, masked, src, geo, cols, parts[th], bparts[th], bufs[th],
-                     grids[th], th * tasks // threads, (th + 1) * tasks // threads, chunks)
