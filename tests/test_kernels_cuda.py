@@ -23,26 +23,33 @@ CCS = [(8, 0), (9, 0)]
 DTYPES = [np.float32, np.float64]
 
 
+def _declared_signatures():
+    """The PTX_SIGNATURES dicts of kernels/cuda/*.py, parsed (numba.cuda may be absent)."""
+    found = {}
+    for path in sorted((REPO / "kernels" / "cuda").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PTX_SIGNATURES"
+                                                    for t in node.targets):
+                found.update(ast.literal_eval(node.value))
+    return found
+
+
 def signatures(dtype):
-    """Launch signature of every kernel in kernels.cuda.KERNELS (C-contiguous arrays)."""
+    """Launch signature of every kernel in kernels.cuda.KERNELS (C-contiguous arrays): those a
+    family module declares next to its kernels in PTX_SIGNATURES (templates filled in here:
+    {f} the float type, {a1} / {a3} / {a4} C-contiguous 1-, 3-, 4-d arrays of it, {i4} a 4-d
+    int32 array, {ints} four int64), and the ones listed below."""
     f = np.dtype(dtype).name
     a1, a4, i4 = f"{f}[::1]", f"{f}[:, :, :, ::1]", "int32[:, :, :, ::1]"
     ints = "int64, int64, int64, int64"  # (sh, sw, ph, pw) or (kh, kw, sh, sw)
     t16, t12 = f"UniTuple({a1}, 16)", f"UniTuple({a1}, 12)"
     a3 = f"{f}[:, :, ::1]"
-    return {
+    fill = dict(f=f, a1=a1, a3=a3, a4=a4, i4=i4, ints=ints)
+    return {k: v.format(**fill) for k, v in _declared_signatures().items()} | {
         "conv2d_forward_kernel": f"void({a4}, {a4}, {a1}, boolean, boolean, {ints}, {a4})",
         "conv2d_backward_input_kernel": f"void({a4}, {a4}, boolean, {a4}, {ints}, {a4})",
         "conv2d_backward_weight_kernel":
             f"void({a4}, {a4}, boolean, {a4}, {ints}, {a4}, {a1})",
-        "relu_forward_kernel": f"void({a1}, {a1})",
-        "relu_backward_kernel": f"void({a1}, {a1}, {a1})",
-        "residual_add_forward_kernel": f"void({a1}, {a1}, {a1}, boolean, boolean, {a1})",
-        "residual_add_backward_kernel":
-            f"void({a1}, {a1}, {a1}, {a1}, boolean, boolean, {a1}, {a1}, {a1})",
-        "sum_kernel": f"void({a1}, {a1})",
-        "max_pool2d_forward_kernel": f"void({a4}, {ints}, {a4}, {i4})",
-        "max_pool2d_backward_kernel": f"void({a4}, {i4}, {ints}, {a4})",
         # multi-tensor SGD: tuples of kernels.cuda.optim.TENSORS (16) flat arrays
         "sgd_kernel": f"void({t16}, {t16}, {t16}, UniTuple(int64, 16), UniTuple(boolean, 16), "
                       f"int64, {f}, {f}, {f}, boolean, boolean, boolean)",

@@ -7,6 +7,18 @@ from ._device import RED, THREADS, block_sum, flat, launch, launcher, per_elemen
 from ._device import MAX_PARTIALS
 
 
+# Launch signature of each @cuda.jit kernel below, for the PTX compile test
+# (tests/test_kernels_cuda.py fills in {a1}: a flat C-contiguous array of the float type).
+PTX_SIGNATURES = {
+    "relu_forward_kernel": "void({a1}, {a1})",
+    "relu_backward_kernel": "void({a1}, {a1}, {a1})",
+    "residual_add_forward_kernel": "void({a1}, {a1}, {a1}, boolean, boolean, {a1})",
+    "residual_add_backward_kernel":
+        "void({a1}, {a1}, {a1}, {a1}, boolean, boolean, {a1}, {a1}, {a1})",
+    "sum_kernel": "void({a1}, {a1})",
+}
+
+
 @cuda.jit(cache=True)
 def relu_forward_kernel(x, y):
     """y = max(x, 0) on flat arrays; NaN stays NaN and -0.0 stays -0.0, as numpy.maximum."""

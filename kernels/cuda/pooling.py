@@ -6,6 +6,15 @@ from numba import cuda
 from ._device import THREADS, contig, launch, launcher, per_element, tap, unravel
 
 
+# Launch signature of each @cuda.jit kernel below, for the PTX compile test
+# (tests/test_kernels_cuda.py fills in {a4} / {i4}: 4-d C-contiguous float / int32 arrays,
+# {ints}: four int64 (kh, kw, sh, sw)).
+PTX_SIGNATURES = {
+    "max_pool2d_forward_kernel": "void({a4}, {ints}, {a4}, {i4})",
+    "max_pool2d_backward_kernel": "void({a4}, {i4}, {ints}, {a4})",
+}
+
+
 @cuda.jit(cache=True)
 def max_pool2d_forward_kernel(x, kh, kw, sh, sw, y, argmax):
     """One thread per window y[n, c, p, q]: its maximum and tap i * kw + j of the first one."""
