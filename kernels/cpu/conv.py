@@ -294,8 +294,8 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
              (("bparts", nrows, n), (n, nrows))]
     mask = _mask(y, gy)
     with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
-        team.run(cc.weight_grad, (gy, gy if mask is None else mask, mask is not None, x, geo,
-                                  cols, parts, bparts, bufs, grids, p.chunks), n)
+        team.run(cc.weight_grad, (gy, gy if mask is None else mask, mask is not None, x, False,
+                                  geo, cols, parts, bparts, bufs, grids, p.chunks), n)
         gw = parts.sum(axis=0)[:nout, :ncols].reshape(w_shape)
         gb = bparts.sum(axis=0)[:nout]
     return gw, (gb if bias else None)

@@ -88,18 +88,22 @@ def _pack_row(row, keep, masked, dst, at, geo):
 
 
 @njit(cache=True, nogil=True)
-def _pack_block(src, mask, masked, n0, cnt, buf, geo, clear):
-    """Pack images n0..n0+cnt-1 into slots 0..cnt-1; clear: zero the slots cnt..nb-1 (stale
-    from an earlier, fuller block), which the weight gradient reads (multiplied by 0)."""
-    for b in range(cnt):
-        pack(src, mask, masked, n0 + b, buf, b, geo)
-    if clear and cnt < geo.nb:
-        phases = 1 if geo.plane == 0 else geo.psh * geo.psw
-        for c in range(buf.shape[0]):
-            for ph in range(phases):
-                lo = ph * geo.plane + cnt * geo.img
-                hi = buf.shape[1] if geo.plane == 0 else ph * geo.plane + geo.nb * geo.img
-                buf[c, lo:hi] = 0
+def _zero(a, lo, hi):
+    """a[lo:hi] = 0 for a flat view a (a plain loop: slice assignment compiles slowly)."""
+    for p in range(lo, hi):
+        a[p] = 0
+
+
+@njit(cache=True, nogil=True)
+def _clear_slots(buf, cnt, geo):
+    """Zero the slots cnt..nb-1 (stale from an earlier, fuller block): the weight gradient
+    reads them (times 0, which must not meet an inf or NaN)."""
+    phases = 1 if geo.plane == 0 else geo.psh * geo.psw
+    for c in range(buf.shape[0]):
+        for ph in range(phases):
+            lo = ph * geo.plane + cnt * geo.img
+            hi = buf.shape[1] if geo.plane == 0 else ph * geo.plane + geo.nb * geo.img
+            _zero(buf[c], lo, hi)
 
 
 @njit(cache=True, nogil=True)
@@ -111,7 +115,7 @@ def pack_weights(w, taps, ntaps, by_input, wpk):
     w (O, C, KH*KW), taps (J, T) flat kernel indices, wpk (J, OB, K, ROWS).
     """
     nrows, nch = (w.shape[1], w.shape[0]) if by_input else (w.shape[0], w.shape[1])
-    wpk[:] = 0
+    _zero(wpk.reshape(-1), 0, wpk.size)
     for j in range(taps.shape[0]):
         for o in range(nrows):
             dst = wpk[j, o // ROWS]
@@ -175,8 +179,9 @@ def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, ac
         blk, chunk = task // chunks, task % chunks
         n0 = blk * geo.nb
         cnt = min(geo.nb, src.shape[0] - n0)
-        if blk != last:
-            _pack_block(src, mask, masked, n0, cnt, buf, geo, False)
+        if blk != last:  # images n0.. into slots 0..
+            for b in range(cnt):
+                pack(src, mask, masked, n0 + b, buf, b, geo)
             last = blk
         for j in range(jobs.shape[0]):
             job = jobs[j]
@@ -208,7 +213,7 @@ def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
     from the last output to `length` (the tail may hold a fuller block's values); return its
     sum."""
     nout, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
-    grid[i, end:length] = 0
+    _zero(grid[i], end, length)
     for b in range(cnt):
         for u in range(oh):
             g0 = i * grid.shape[1] + b * geo.img + u * geo.wq
@@ -222,13 +227,14 @@ def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
 
 
 @njit(cache=True, nogil=True)
-def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, chunks, share,
-                shares):
+def weight_grad(gy, mask, masked, src, unmasked, geo, cols, parts, bparts, bufs, grids, chunks,
+                share, shares):
     """parts[share, o, k] = this thread's share of sum_n sum_grid gy[n, o] *
     packed(src[n])[cols[k] + grid] (gy zero where mask > 0 fails, when masked);
     bparts[share, o] its share of sum gy[n, o].
 
-    gy, mask (N, O, OH, OW), src (N, C, H, W), cols (K,) buffer positions of the (input
+    gy, mask (N, O, OH, OW), src (N, C, H, W) (unmasked: False, a value rather than a constant
+    so that pack compiles once for both kernels), cols (K,) buffer positions of the (input
     channel, tap) pairs, K a multiple of COLS. Scratch: bufs (shares, C, size), grids
     (shares, ROWS, length) zero outside the output positions; parts (shares, OB*ROWS, K),
     bparts (shares, OB*ROWS), summed over the shares by the caller: no atomics.
@@ -240,8 +246,8 @@ def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, ch
     nblocks = part.shape[0] // ROWS
     per = -(-nblocks // chunks)
     ncols = cols.shape[0]
-    part[:] = 0
-    bpart[:] = 0
+    _zero(part.reshape(-1), 0, part.size)
+    _zero(bpart, 0, bpart.size)
     zeros = np.zeros(ROWS, part.dtype)
     last = -1
     for task in range(first, stop):
@@ -249,7 +255,10 @@ def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, ch
         n0 = blk * geo.nb
         cnt = min(geo.nb, src.shape[0] - n0)
         if blk != last:
-            _pack_block(src, src, False, n0, cnt, buf, geo, True)
+            for b in range(cnt):
+                pack(src, src, unmasked, n0 + b, buf, b, geo)
+            if cnt < geo.nb:
+                _clear_slots(buf, cnt, geo)
             last = blk
         end = (cnt - 1) * geo.img + gy.shape[2] * geo.wq
         length = _grid_length(cnt, gy.shape[2], geo)
@@ -259,7 +268,7 @@ def weight_grad(gy, mask, masked, src, geo, cols, parts, bparts, bufs, grids, ch
                     bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt, ob * ROWS + i,
                                                      grid, i, end, length, geo)
                 else:  # a padding channel of the last block: contributes nothing
-                    grid[i, :length] = 0
+                    _zero(grid[i], 0, length)
             for kb in range(0, ncols, COLS):
                 t = tile_splat(zeros, 0, ROWS, COLS)
                 for p in range(0, length, geo.lanes):
