@@ -91,11 +91,22 @@ def _compare(got, want, mode, dtype, what):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts parallel CPU launches; two threads when Numba has them (else None)."""
+    """Counts multi-threaded CPU runs, by either mechanism kernels.cpu uses: a parallel @njit
+    kernel under kernels.cpu.memory's launch lock, or a share of the work handed to the
+    conv kernels' team of Python threads (kernels/cpu/conv_threads.py). Two threads when Numba
+    has them, else None."""
     memory = pytest.importorskip("minires.kernels.cpu.memory")
     numba = pytest.importorskip("numba")
     counter = _CountingLock(memory._launch_lock)
     monkeypatch.setattr(memory, "_launch_lock", counter)
+    with contextlib.suppress(ImportError):
+        team = importlib.import_module("minires.kernels.cpu.conv_threads").team
+        run = team.run
+
+        def counting_run(fn, args, n):
+            counter.entered += n > 1
+            return run(fn, args, n)
+        monkeypatch.setattr(team, "run", counting_run)
     before = numba.get_num_threads()
     if numba.config.NUMBA_NUM_THREADS < 2:
         yield None
