@@ -23,8 +23,9 @@ from .memory import borrowed, outputs, threads
 _GRID_TARGET = 1536  # stack small images until a block's grid is about this long
 # geo: the packed layout (conv_loops.Geo); jobs (J,) conv_loops.JOB; cols (J, K) buffer
 # positions per (channel, tap) of each job; taps (J, T): each job's taps as flat indices into
-# the KH*KW kernel, ntaps (J,) how many
-Plan = collections.namedtuple("Plan", "geo jobs cols taps ntaps chunks threads")
+# the KH*KW kernel, ntaps (J,) how many; bits (1 + J, img / lanes): which lanes of each vector
+# of an image slot hold a pixel (row 0, for packing) or an output of job j (row 1 + j)
+Plan = collections.namedtuple("Plan", "geo jobs cols taps ntaps bits chunks threads")
 
 
 def _blocks(nimg, per_block, nout_blocks, nthreads):
@@ -71,15 +72,21 @@ def _layout(x_shape, pads, strides, grids, nout, itemsize, nthreads):
         img = -(-hp // psh) * wq
     nb, chunks = _blocks(n, _GRID_TARGET // img, -(-nout // ROWS), nthreads)
     lanes = VBYTES // itemsize
+    # AVX-512 and rows shorter than a vector: whole image slots move a vector at a time
+    # (expand/compress by lane bits) instead of row by row
+    planes = VBYTES == 64 and img % lanes == 0 and wq < lanes
     geo = cc.Geo(top=top, left=left, psh=psh, psw=psw, hp=hp, wp=wp, wq=wq, img=img,
                  plane=0 if compact else nb * img, nb=nb, size=0, length=0,
-                 strip=COLS * lanes, lanes=lanes)
+                 strip=COLS * lanes, lanes=lanes, vec_pack=int(planes and compact),
+                 vec_grid=int(planes))
     return geo, chunks
 
 
-def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps, kw):
+def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps, kw, pixels):
     """The Plan: geo sized for every read and write, jobs, and each job's column positions."""
     length = max(_round((geo.nb - 1) * geo.img + oh * geo.wq, geo.strip) for oh, _ in grids)
+    if geo.vec_grid:  # whole slots are read and written
+        length = max(length, _round(geo.nb * geo.img, geo.strip))
     written = (geo.psh * geo.psw * geo.plane if geo.plane else
                geo.nb * geo.img + geo.top * geo.wq)
     read = max((max(o, default=0) for o in offsets), default=0) + length
@@ -93,8 +100,18 @@ def _finish(geo, grids, offsets, nchannels, nthreads, chunks, taps, kw):
     for j, tj in enumerate(taps):  # (row, column) -> flat index into a KH*KW kernel
         tap_index[j, :len(tj)] = [i * kw + jj for i, jj in tj]
     ntaps = np.array([len(t) for t in taps], np.int64)
-    tap_index.flags.writeable = ntaps.flags.writeable = False
-    return Plan(geo, None, cols, tap_index, ntaps, chunks, nthreads)
+    rows, cols_ = np.divmod(np.arange(geo.img), geo.wq)  # an image slot's grid positions
+    bits = np.zeros((1 + len(grids), max(1, geo.img // geo.lanes)), np.int64)
+    if geo.vec_grid:
+        height, width = pixels
+        valid = [(rows >= geo.top) & (rows < geo.top + height) & (cols_ >= geo.left)
+                 & (cols_ < geo.left + width)] + [(rows < oh) & (cols_ < ow) for oh, ow in grids]
+        weights = 1 << np.arange(geo.lanes, dtype=np.int64)
+        for j, v in enumerate(valid):
+            bits[j] = (v.reshape(-1, geo.lanes) * weights).sum(axis=1)
+    for a in (tap_index, ntaps, bits):
+        a.flags.writeable = False
+    return Plan(geo, None, cols, tap_index, ntaps, bits, chunks, nthreads)
 
 
 def _jobs(rows):
@@ -129,7 +146,7 @@ def forward_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
     offs = [((i % sh) * sw + j % sw) * plane + (i // sh) * geo.wq + j // sw
             for i in range(kh) for j in range(kw)]
     taps = [(i, j) for i in range(kh) for j in range(kw)]
-    plan = _finish(geo, [(oh, ow)], [offs], c, nthreads, chunks, (tuple(taps),), kw)
+    plan = _finish(geo, [(oh, ow)], [offs], c, nthreads, chunks, (tuple(taps),), kw, (h, w))
     return plan._replace(jobs=_jobs([(c * kh * kw, oh, ow, 0, 1, 0, 1)]))
 
 
@@ -166,7 +183,7 @@ def input_plan(x_shape, nout, kh, kw, stride, padding, itemsize, nthreads):
             taps.append(tuple((sh * i + a, sw * j + b) for i in range(ka) for j in range(kb)))
             jobs.append((nout * ka * kb, u1 - u0 + 1, v1 - v0 + 1, sh * u0 + a - ph, sh,
                          sw * v0 + b - pw, sw))
-    plan = _finish(geo, grids, offsets, nout, nthreads, chunks, tuple(taps), kw)
+    plan = _finish(geo, grids, offsets, nout, nthreads, chunks, tuple(taps), kw, (oh, ow))
     return plan._replace(jobs=_jobs(jobs))
 
 
@@ -189,8 +206,8 @@ def _correlate(src, mask, wpk, bias, relu, plan, out_shape):
              (("acc", geo.length, n), (n, ROWS, geo.length))]
     with borrowed(specs, src.dtype) as (bufs, accs):
         team.run(cc.correlate, (src, src if mask is None else mask, mask is not None, geo,
-                                plan.jobs, plan.cols, wpk, bias_p, relu, out, bufs, accs,
-                                plan.chunks), n)
+                                plan.jobs, plan.cols, plan.bits, wpk, bias_p, relu, out, bufs,
+                                accs, plan.chunks), n)
     return out
 
 
@@ -295,7 +312,7 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
     mask = _mask(y, gy)
     with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
         team.run(cc.weight_grad, (gy, gy if mask is None else mask, mask is not None, x, False,
-                                  geo, cols, parts, bparts, bufs, grids, p.chunks), n)
+                                  geo, cols, p.bits, parts, bparts, bufs, grids, p.chunks), n)
         gw = parts.sum(axis=0)[:nout, :ncols].reshape(w_shape)
         gb = bparts.sum(axis=0)[:nout]
     return gw, (gb if bias else None)

@@ -31,20 +31,21 @@ import collections
 import numpy as np
 from numba import njit
 
-from .conv_simd import (COLS, ROWS, copy_vector, mask_vector, relu_vector, split_pair, tile_dot,
-                        tile_fma, tile_splat, tile_store, tile_sum_into)
+from .conv_simd import (COLS, ROWS, compress_vector, copy_vector, expand_vector, mask_vector,
+                        relu_vector, split_pair, tile_dot, tile_fma, tile_splat, tile_store,
+                        tile_sum_into)
 
 # The weight gradient's bias sums are reductions, which vectorise only when reassociated.
 _REDUCE = {"contract", "reassoc", "nsz"}
 
 Geo = collections.namedtuple(
-    "Geo", "top left psh psw hp wp wq img plane nb size length strip lanes")
+    "Geo", "top left psh psw hp wp wq img plane nb size length strip lanes vec_pack vec_grid")
 JOB = np.dtype([("ncols", np.int64), ("oh", np.int64), ("ow", np.int64), ("r0", np.int64),
                 ("rs", np.int64), ("c0", np.int64), ("cs", np.int64)])
 
 
 @njit(cache=True, nogil=True)
-def pack(src, mask, masked, n, buf, b, geo):
+def pack(src, mask, masked, n, buf, b, geo, bits):
     """Copy src[n] (C, H, W) into slot b of buf (C, size), padded and split into phases;
     masked: 0 where mask[n] > 0 fails (gy through the ReLU whose output is mask, as
     kernels.cpu.relu_backward: a masked inf or NaN gives 0).
@@ -53,6 +54,12 @@ def pack(src, mask, masked, n, buf, b, geo):
     """
     nch, height, width = src.shape[1], src.shape[2], src.shape[3]
     vec = geo.lanes
+    if geo.vec_pack:  # whole slots, a vector at a time: lanes set in bits[0] take pixels
+        for c in range(nch):
+            at, si = c * buf.shape[1] + b * geo.img, (n * nch + c) * height * width
+            for k in range(bits.shape[1]):
+                si += expand_vector(buf, at + k * vec, src, si, bits[0, k], mask, masked)
+        return
     for c in range(nch):
         for h in range(height):
             r = geo.top + h
@@ -133,10 +140,18 @@ def _grid_length(cnt, oh, geo):
 
 
 @njit(cache=True, nogil=True)
-def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
-    """out[n0 + b, o0 + i, r0 + u*rs, c0 + v*cs] = act(acc[i, b*img + u*wq + v]), i < rows."""
+def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu, bits):
+    """out[n0 + b, o0 + i, r0 + u*rs, c0 + v*cs] = act(acc[i, b*img + u*wq + v]), i < rows;
+    bits: the job's output lanes per vector of a slot (used when geo.vec_grid)."""
     nout, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
+    if geo.vec_grid and job.rs == 1 and job.cs == 1 and job.oh == oh and job.ow == ow:
+        for i in range(rows):  # whole output planes: the set lanes, packed together
+            for b in range(cnt):
+                d0, a0 = ((n0 + b) * nout + o0 + i) * oh * ow, i * acc.shape[1] + b * geo.img
+                for k in range(bits.shape[0]):
+                    d0 += compress_vector(out, d0, acc, a0 + k * geo.lanes, bits[k], relu)
+        return
     for i in range(rows):
         for b in range(cnt):
             for u in range(job.oh):
@@ -157,13 +172,14 @@ def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu):
 
 
 @njit(cache=True, nogil=True)
-def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, accs, chunks,
-              share, shares):
+def correlate(src, mask, masked, geo, jobs, cols, bits, wpk, bias, relu, out, bufs, accs,
+              chunks, share, shares):
     """out[n, o] = act(bias[o] + sum_k wpk[j, o // ROWS, k, o % ROWS] * packed(src[n])[cols[j,
     k] + grid]) for every job j, emitted as the job says: this thread's share of the work.
 
     src, mask (N, C, H, W) (mask read only when masked); wpk (J, OB, K, ROWS) (output channels
-    in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bias (OB*ROWS,); out
+    in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bits (1 + J, img / lanes)
+    lane bits of the pixels and of each job's outputs in a slot; bias (OB*ROWS,); out
     (N, O, ., .). bufs (shares, C, size) and accs (shares, ROWS, length) are per-thread
     scratch. Work items (block of images, chunk of output-channel blocks) are split statically
     into `shares` ranges, this call doing range `share` (kernels/cpu/conv_threads.py runs the
@@ -181,7 +197,7 @@ def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, ac
         cnt = min(geo.nb, src.shape[0] - n0)
         if blk != last:  # images n0.. into slots 0..
             for b in range(cnt):
-                pack(src, mask, masked, n0 + b, buf, b, geo)
+                pack(src, mask, masked, n0 + b, buf, b, geo, bits)
             last = blk
         for j in range(jobs.shape[0]):
             job = jobs[j]
@@ -195,7 +211,7 @@ def correlate(src, mask, masked, geo, jobs, cols, wpk, bias, relu, out, bufs, ac
                         t = tile_fma(t, ws, k * ROWS, buf, ks[k] + p)
                     tile_store(t, acc, p, geo.length)
                 rows = min(ROWS, out.shape[1] - ob * ROWS)
-                _emit(acc, rows, out, n0, cnt, ob * ROWS, job, geo, relu)
+                _emit(acc, rows, out, n0, cnt, ob * ROWS, job, geo, relu, bits[1 + j])
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
@@ -208,12 +224,18 @@ def _sum(a, n):
 
 
 @njit(cache=True, nogil=True)
-def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
+def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo, bits):
     """Copy gy[n0:n0+cnt, o] (0 where mask > 0 fails, when masked) onto grid row i; zero it
     from the last output to `length` (the tail may hold a fuller block's values); return its
     sum."""
     nout, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
     _zero(grid[i], end, length)
+    if geo.vec_grid:  # whole slots (the lanes not set in bits get 0)
+        for b in range(cnt):
+            g0, s0 = i * grid.shape[1] + b * geo.img, ((n0 + b) * nout + o) * oh * ow
+            for k in range(bits.shape[0]):
+                s0 += expand_vector(grid, g0 + k * geo.lanes, gy, s0, bits[k], mask, masked)
+        return _sum(grid[i], end)
     for b in range(cnt):
         for u in range(oh):
             g0 = i * grid.shape[1] + b * geo.img + u * geo.wq
@@ -227,15 +249,16 @@ def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo):
 
 
 @njit(cache=True, nogil=True)
-def weight_grad(gy, mask, masked, src, unmasked, geo, cols, parts, bparts, bufs, grids, chunks,
-                share, shares):
+def weight_grad(gy, mask, masked, src, unmasked, geo, cols, bits, parts, bparts, bufs, grids,
+                chunks, share, shares):
     """parts[share, o, k] = this thread's share of sum_n sum_grid gy[n, o] *
     packed(src[n])[cols[k] + grid] (gy zero where mask > 0 fails, when masked);
     bparts[share, o] its share of sum gy[n, o].
 
     gy, mask (N, O, OH, OW), src (N, C, H, W) (unmasked: False, a value rather than a constant
     so that pack compiles once for both kernels), cols (K,) buffer positions of the (input
-    channel, tap) pairs, K a multiple of COLS. Scratch: bufs (shares, C, size), grids
+    channel, tap) pairs, K a multiple of COLS; bits as for correlate (the forward's).
+    Scratch: bufs (shares, C, size), grids
     (shares, ROWS, length) zero outside the output positions; parts (shares, OB*ROWS, K),
     bparts (shares, OB*ROWS), summed over the shares by the caller: no atomics.
     """
@@ -256,7 +279,7 @@ def weight_grad(gy, mask, masked, src, unmasked, geo, cols, parts, bparts, bufs,
         cnt = min(geo.nb, src.shape[0] - n0)
         if blk != last:
             for b in range(cnt):
-                pack(src, src, unmasked, n0 + b, buf, b, geo)
+                pack(src, src, unmasked, n0 + b, buf, b, geo, bits)
             if cnt < geo.nb:
                 _clear_slots(buf, cnt, geo)
             last = blk
@@ -266,7 +289,7 @@ def weight_grad(gy, mask, masked, src, unmasked, geo, cols, parts, bparts, bufs,
             for i in range(ROWS):
                 if ob * ROWS + i < nout:
                     bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt, ob * ROWS + i,
-                                                     grid, i, end, length, geo)
+                                                     grid, i, end, length, geo, bits[1])
                 else:  # a padding channel of the last block: contributes nothing
                     _zero(grid[i], 0, length)
             for kb in range(0, ncols, COLS):

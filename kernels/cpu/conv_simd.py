@@ -321,3 +321,76 @@ def split_pair(typingctx, dst, de, do, src, si, n):
                       _first(builder, half, count))
         return context.get_dummy_value()
     return types.none(dst, de, do, src, si, n), codegen
+
+
+# --- whole image planes, a vector at a time (AVX-512, rows shorter than a vector): the lanes
+# of a vector that hold pixels are given as bits; expand/compress move exactly those ----------
+def _bits_mask(builder, bits, count):
+    """<count x i1> from the low `count` bits of the i64 `bits`."""
+    return builder.bitcast(builder.trunc(bits, ir.IntType(count)),
+                           ir.VectorType(ir.IntType(1), count))
+
+
+def _popcount(builder, bits):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits.type, [bits.type]),
+                                        "llvm.ctpop.i64")
+    return builder.call(fn, [bits])
+
+
+def _expand_load(builder, ptr, mask):
+    """Consecutive elements from ptr into the lanes set in mask, 0 in the others."""
+    vec = ir.VectorType(ptr.type.pointee, mask.type.count)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [ptr.type, mask.type, vec]),
+        f"llvm.masked.expandload.{_suffix(vec)}")
+    return builder.call(fn, [ptr, mask, ir.Constant(vec, None)])
+
+
+@intrinsic
+def expand_vector(typingctx, dst, di, src, si, bits, keep, masked):
+    """dst[di : di + LANES] = the next popcount(bits) elements of src from si, in the lanes set
+    in bits (0 in the others; with masked, 0 also where the same elements of keep are not
+    > 0); returns popcount(bits), the elements read."""
+    if not _copy_typer(dst, src, keep):
+        return None
+
+    def codegen(context, builder, sig, args):
+        darr, di_, sarr, si_, bits_, karr, masked_ = args
+        count = lanes(src.dtype)
+        mask = _bits_mask(builder, bits_, count)
+        v = _expand_load(builder, _at(context, builder, src, sarr, si_), mask)
+        zero = ir.Constant(v.type, None)
+        with builder.if_then(masked_):  # (a branch: the mask is loaded only when used)
+            k = _expand_load(builder, _at(context, builder, keep, karr, si_), mask)
+            masked_v = builder.select(builder.fcmp_ordered(">", k, zero), v, zero)
+            ptr = _at(context, builder, dst, darr, di_)
+            builder.store(masked_v, builder.bitcast(ptr, v.type.as_pointer()), align=1)
+        with builder.if_then(builder.not_(masked_)):
+            ptr = _at(context, builder, dst, darr, di_)
+            builder.store(v, builder.bitcast(ptr, v.type.as_pointer()), align=1)
+        return _popcount(builder, bits_)
+    return types.int64(dst, di, src, si, bits, keep, masked), codegen
+
+
+@intrinsic
+def compress_vector(typingctx, dst, di, src, si, bits, relu):
+    """The lanes of src[si : si + LANES] set in bits (max(., 0) of them when relu, NaN kept),
+    stored consecutively from dst[di]; returns popcount(bits), the elements written."""
+    if not _copy_typer(dst, src):
+        return None
+
+    def codegen(context, builder, sig, args):
+        darr, di_, sarr, si_, bits_, relu_ = args
+        count = lanes(src.dtype)
+        mask = _bits_mask(builder, bits_, count)
+        v = _load(builder, _at(context, builder, src, sarr, si_), count)
+        zero = ir.Constant(v.type, None)
+        neg = builder.and_(builder.fcmp_ordered("<", v, zero), _splat(builder, relu_, count))
+        v = builder.select(neg, zero, v)
+        ptr = _at(context, builder, dst, darr, di_)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [v.type, ptr.type, mask.type]),
+            f"llvm.masked.compressstore.{_suffix(v.type)}")
+        builder.call(fn, [v, ptr, mask])
+        return _popcount(builder, bits_)
+    return types.int64(dst, di, src, si, bits, relu), codegen
