@@ -8,7 +8,7 @@ from conftest import REPO
 # Code lines (no blank lines, comments or docstrings). Raise only with a reason in the commit.
 # kernels: 2000 + 250 for kernels/registry.py's test cases and bench rows of every kernel (~170
 # code lines of test and bench data that lived in tests/ and bench/ before the one registry).
-CODE_LINE_BUDGET = {"minires": 6000, "kernels": 2250}
+CODE_LINE_BUDGET = {"minires": 6000, "kernels": 2400}
 TENSOR_PY_MAX_LINES = 400
 
 

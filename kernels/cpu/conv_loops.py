@@ -1,7 +1,8 @@
 """Numba @njit convolution loops on a flat "grid" layout; kernels/cpu/conv.py plans the layout
 and packs the weights.
 
-Imports numba and kernels/cpu/conv_simd.py (register tiles). The algorithm:
+Imports numba, kernels/cpu/conv_simd.py (register tiles) and kernels/cpu/conv_copy.py
+(vector copies). The algorithm:
 
 1. pack: a block of `nb` images is copied, channel by channel, into a zero-padded buffer
    (C, size), split into stride phases (pixel rows/columns r, q go to phase (r % psh, q % psw)
@@ -31,9 +32,9 @@ import collections
 import numpy as np
 from numba import njit
 
-from .conv_simd import (COLS, ROWS, compress_vector, copy_vector, expand_vector, mask_vector,
-                        relu_vector, split_pair, tile_dot, tile_fma, tile_splat, tile_store,
-                        tile_sum_into)
+from .conv_copy import (compress_vector, copy_vector, expand_vector, mask_vector, relu_vector,
+                        split_pair)
+from .conv_simd import COLS, ROWS, tile_dot, tile_fma, tile_splat, tile_store, tile_sum_into
 
 # The weight gradient's bias sums are reductions, which vectorise only when reassociated.
 _REDUCE = {"contract", "reassoc", "nsz"}
