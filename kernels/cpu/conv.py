@@ -1,14 +1,20 @@
 """CPU convolution: the public conv2d kernels (optionally fused with a ReLU), their layouts
-(planned once per shape) and the packed weights and scratch the @njit loops of
+(planned once per shape), the packed weights and the scratch that the @njit loops of
 kernels/cpu/conv_loops.py need.
 
 Shapes: x (N, C, H, W), w (O, C, KH, KW), b (O,) or None, y / gy (N, O, OH, OW); stride and
 padding (int, int) pairs. Inputs may be non-contiguous; they are read, never modified.
 
-Forward and weight gradient correlate the packed input with the kernel taps directly. The
+Forward and weight gradient correlate the packed input with the kernel taps directly (a 1x1
+kernel with stride s first takes every s-th row and column, so nothing unread is packed). The
 input gradient of a stride-s convolution is s*s stride-1 correlations of gy, one per output
 phase (a, b) (rows h + ph = s*u + a): phase (a, b) uses only the taps (s*k + a, s*l + b), so
-no multiply is spent on the zeros that dilating gy by the stride would insert.
+no multiply is spent on the zeros that dilating gy by the stride would insert. Padding wider
+than KH - 1 / KW - 1 (rare) is applied explicitly first. With relu=True the forward writes
+max(y, 0), and given that y the backward kernels zero gy where y <= 0 as they read it.
+
+Work is split into (block of images, chunk of output channels) items, blocks chosen so the
+threads get equal image counts; kernels/cpu/conv_threads.py runs the shares.
 """
 import collections
 import functools

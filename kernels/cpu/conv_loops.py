@@ -1,31 +1,33 @@
 """Numba @njit convolution loops on a flat "grid" layout; kernels/cpu/conv.py plans the layout
-and packs the weights.
+and packs the weights, kernels/cpu/conv_threads.py runs a call's shares on several threads.
 
 Imports numba, kernels/cpu/conv_simd.py (register tiles) and kernels/cpu/conv_copy.py
-(vector copies). The algorithm:
+(vector copies). The algorithm, per block of `nb` images (a thread's work item):
 
-1. pack: a block of `nb` images is copied, channel by channel, into a zero-padded buffer
-   (C, size), split into stride phases (pixel rows/columns r, q go to phase (r % psh, q % psw)
-   at (r // psh, q // psw)), so that for every kernel tap the inputs of all output positions
-   are one contiguous run: output (b, u, v) of the block sits at grid position
-   p = b*img + u*wq + v and tap t reads buffer position cols[k] + p, k = (c, t).
+1. pack: the block is copied, channel by channel, into a zero-padded buffer (C, size), split
+   into stride phases (padded row/column r, q go to phase (r % psh, q % psw) at (r // psh,
+   q // psw)), so that for every kernel tap the inputs of all output positions are one
+   contiguous run: output (b, u, v) of the block sits at grid position p = b*img + u*wq + v
+   and column k = (input channel c, tap t) reads buffer position cols[k] + p.
 2. correlate: for ROWS output channels and a strip of COLS vectors of grid positions, a
-   register tile starts at the bias and takes one broadcast-weight x vector outer product per
-   (input channel, tap); it is stored to an accumulator grid once per strip. `emit` copies the
-   valid positions to the output (N, O, OH, OW), applying ReLU when asked.
-3. weight_grad: gy (times the ReLU mask when asked) is copied onto the same grid (zero at the
-   positions that are not outputs); a tile of ROWS output channels x COLS (input channel, tap)
-   pairs accumulates gy * shifted input lane by lane over the grid, then adds its lanes into
-   per-thread partial sums (no atomics; the caller adds the threads' parts).
+   register tile starts at the bias and takes one outer product (ROWS broadcast weights x
+   COLS input vectors) per column k; it is stored to an accumulator grid once per strip, and
+   `emit` copies the output positions to out (N, O, OH, OW), applying ReLU when asked.
+3. weight_grad: gy (zero where the ReLU output mask is not > 0, when asked) is copied onto
+   the same grid, zero at the positions that are not outputs; a tile of ROWS output channels
+   x COLS columns accumulates gy * shifted input lane by lane over the grid, then adds its
+   lanes into the thread's partial sums (no atomics; the caller adds the threads' parts).
 
-Layout (Geo, built by kernels/cpu/conv.py): pixel (h, w) lands at padded (r, q) = (top + h,
-left + w), dropped outside [0, hp) x [0, wp), at buffer position
+Layout (Geo, built by kernels/cpu/conv.py; top, left >= 0 and the padded extent hp x wp holds
+every pixel): pixel (h, w) goes to padded (r, q) = (top + h, left + w) at buffer position
 (r % psh * psw + q % psw) * plane + b*img + (r // psh) * wq + q // psw. With stride 1 the
 layout is compact (plane unused): a row's right padding is the next row's left padding and an
 image's bottom padding the next image's top padding. Grid positions that are not outputs hold
-garbage and are never emitted. Jobs (a record array, JOB) let one launch compute several
-correlations over one packed buffer: the stride phases of the input gradient. Job j emits grid
-(u < oh, v < ow) to out[..., r0 + u*rs, c0 + v*cs].
+garbage and are never emitted. Rows are copied a masked vector at a time; on AVX-512, image
+slots whose rows are shorter than a vector (7x7) move whole, a vector at a time, the lanes
+that hold pixels or outputs given as bits (vec_pack, vec_grid). Jobs (a record array, JOB)
+let one call compute several correlations over one packed buffer, the stride phases of the
+input gradient: job j emits grid (u < oh, v < ow) to out[..., r0 + u*rs, c0 + v*cs].
 """
 import collections
 
