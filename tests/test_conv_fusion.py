@@ -184,3 +184,28 @@ def test_trace_modules_still_tags_fused_layers(rng):
     names = set(tags.values())
     assert {"0", "1", "2", "3"} <= names, names
     assert y.shape == (2, 3)
+
+
+def test_thread_team_after_fork_and_errors(rng):
+    """A forked child (after the parent used two threads) convolves on two threads; an error
+    in a share reaches the caller and the team keeps working."""
+    import multiprocessing
+    from minires.kernels.cpu.conv_threads import team
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        x, w = rng.standard_normal((8, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
+        want = cpu.conv2d_forward(x, w, None, (1, 1), (1, 1))
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply(cpu.conv2d_forward, (x, w, None, (1, 1), (1, 1)))
+        np.testing.assert_array_equal(got, want)
+
+        def fail(share, n):
+            if share == n - 1:
+                raise RuntimeError("share failed")
+        with pytest.raises(RuntimeError, match="share failed"):
+            team.run(fail, (), 2)
+        np.testing.assert_array_equal(cpu.conv2d_forward(x, w, None, (1, 1), (1, 1)), want)
+    finally:
+        numba.set_num_threads(before)

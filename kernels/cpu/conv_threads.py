@@ -6,8 +6,10 @@ function's parfor in 2-3 s per dtype even when its body is one call (a third of 
 kernels' cold start); a nogil function called from several Python threads runs on several
 cores just the same. The workers block on a condition variable between calls (no spinning:
 they cost nothing while the other kernels' thread pool runs), and one lock serialises callers
-from different Python threads (each call uses every thread anyway).
+from different Python threads (each call uses every thread anyway). A forked child starts a
+fresh team.
 """
+import os
 import threading
 
 
@@ -69,3 +71,13 @@ class Team:
 
 
 team = Team()
+
+
+def _forget_workers():
+    """In a forked child only the forking thread exists: start a fresh team (new workers are
+    made on demand; the parent's locks may have been held at the fork)."""
+    Team.__init__(team)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
