@@ -231,7 +231,7 @@ def test_max_pool2d(rng, dtype, shape, kernel, stride, split):
 
 def test_unknown_elementwise_operation_is_refused_before_any_launch(monkeypatch):
     """The parallel driver picks its loop by code and has no else branch: an unknown code must
-    raise, never run another loop or nothing (docs/design.md: no silent fallthrough)."""
+    raise, never run another loop or nothing (a wrong dispatch must fail loudly)."""
     ew = cpu.elementwise
     launched = []
     monkeypatch.setattr(ew, "launch", lambda *args: launched.append(args))
