@@ -209,3 +209,22 @@ def test_thread_team_after_fork_and_errors(rng):
         np.testing.assert_array_equal(cpu.conv2d_forward(x, w, None, (1, 1), (1, 1)), want)
     finally:
         numba.set_num_threads(before)
+
+
+def test_weight_gradient_does_not_depend_on_threads(rng):
+    """Work items are claimed by whichever thread is free, yet gw and gb are the same bits on
+    one and two threads and from run to run (image blocks summed in fixed groups)."""
+    x = rng.standard_normal((37, 5, 9, 9)).astype(np.float32)
+    gy = rng.standard_normal((37, 6, 9, 9)).astype(np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for nthreads in (1, 2, 2, 1):
+            numba.set_num_threads(min(nthreads, numba.config.NUMBA_NUM_THREADS))
+            results.append(cpu.conv2d_backward_weight(gy, x, (6, 5, 3, 3), (1, 1), (1, 1),
+                                                      True))
+    finally:
+        numba.set_num_threads(before)
+    for gw, gb in results[1:]:
+        np.testing.assert_array_equal(gw, results[0][0])
+        np.testing.assert_array_equal(gb, results[0][1])

@@ -27,6 +27,9 @@ from .conv_threads import team
 from .memory import borrowed, outputs, threads
 
 _GRID_TARGET = 1536  # stack small images until a block's grid is about this long
+# The weight gradient sums image blocks in this many groups (fewer when there are fewer
+# blocks), whatever the thread count: its result does not depend on the threads.
+_GROUPS = 8
 # geo: the packed layout (conv_loops.Geo); jobs (J,) conv_loops.JOB; cols (J, K) buffer
 # positions per (channel, tap) of each job; taps (J, T): each job's taps as flat indices into
 # the KH*KW kernel, ntaps (J,) how many; bits (1 + J, img / lanes): which lanes of each vector
@@ -36,14 +39,14 @@ Plan = collections.namedtuple("Plan", "geo jobs cols taps ntaps bits chunks thre
 
 def _blocks(nimg, per_block, nout_blocks, nthreads):
     """(images per block, output-channel chunks): at most per_block images per block (at
-    least half that), chosen so the threads get equal image counts (work items are split
-    statically), and output-channel blocks split into chunks when there are too few image
-    blocks to keep every thread busy."""
-    def cost(nb):  # images on the busiest thread, then the most blocks (smaller is better)
+    least half that), chosen so that 1, 2 or 4 threads get equal image counts (the same
+    blocks whatever the thread count: the weight gradient's sums do not depend on it), and
+    output-channel blocks split into chunks when there are too few image blocks to keep
+    `nthreads` threads busy."""
+    def cost(nb):  # images on the busiest of 4 threads, then the most blocks (smaller: better)
         blocks = -(-nimg // nb)
-        loads = [min(nimg, (t + 1) * blocks // nthreads * nb) - min(nimg, t * blocks
-                                                                   // nthreads * nb)
-                 for t in range(nthreads)]
+        loads = [min(nimg, (t + 1) * blocks // 4 * nb) - min(nimg, t * blocks // 4 * nb)
+                 for t in range(4)]
         return max(loads), -nb
     top = max(1, min(per_block, nimg))
     nb = min(range(max(1, top // 2), top + 1), key=cost)
@@ -213,7 +216,7 @@ def _correlate(src, mask, wpk, bias, relu, plan, out_shape):
     with borrowed(specs, src.dtype) as (bufs, accs):
         team.run(cc.correlate, (src, src if mask is None else mask, mask is not None, geo,
                                 plan.jobs, plan.cols, plan.bits, wpk, bias_p, relu, out, bufs,
-                                accs, plan.chunks), n)
+                                accs, plan.chunks, np.zeros(1, np.int64)), n)
     return out
 
 
@@ -310,15 +313,17 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
     cols = np.zeros(_round(ncols, COLS), np.int64)  # padding columns read position 0
     cols[:ncols] = p.cols[0, :ncols]
     nrows = _round(nout, ROWS)
+    groups = min(_GROUPS, -(-x.shape[0] // geo.nb))
     # keys: what determines the positions written (and the thread count: the shape)
     specs = [(("pack", x.shape[1:], geo, n), (n, nin, geo.size)),
              (("gygrid", geo, n), (n, ROWS, geo.length)),
-             (("parts", nrows, cols.shape[0], n), (n, nrows, cols.shape[0])),
-             (("bparts", nrows, n), (n, nrows))]
+             (("parts", nrows, cols.shape[0], groups), (groups, nrows, cols.shape[0])),
+             (("bparts", nrows, groups), (groups, nrows))]
     mask = _mask(y, gy)
     with borrowed(specs, x.dtype) as (bufs, grids, parts, bparts):
         team.run(cc.weight_grad, (gy, gy if mask is None else mask, mask is not None, x, False,
-                                  geo, cols, p.bits, parts, bparts, bufs, grids, p.chunks), n)
+                                  geo, cols, p.bits, parts, bparts, bufs, grids, p.chunks,
+                                  np.zeros(1, np.int64)), n)
         gw = parts.sum(axis=0)[:nout, :ncols].reshape(w_shape)
         gb = bparts.sum(axis=0)[:nout]
     return gw, (gb if bias else None)

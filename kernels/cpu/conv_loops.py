@@ -36,7 +36,8 @@ from numba import njit
 
 from .conv_copy import (compress_vector, copy_vector, expand_vector, mask_vector, relu_vector,
                         split_pair)
-from .conv_simd import COLS, ROWS, tile_dot, tile_fma, tile_splat, tile_store, tile_sum_into
+from .conv_simd import (COLS, ROWS, claim, tile_dot, tile_fma, tile_splat, tile_store,
+                        tile_sum_into)
 
 # The weight gradient's bias sums are reductions, which vectorise only when reassociated.
 _REDUCE = {"contract", "reassoc", "nsz"}
@@ -176,7 +177,7 @@ def _emit(acc, rows, out, n0, cnt, o0, job, geo, relu, bits):
 
 @njit(cache=True, nogil=True)
 def correlate(src, mask, masked, geo, jobs, cols, bits, wpk, bias, relu, out, bufs, accs,
-              chunks, share, shares):
+              chunks, counter, share, shares):
     """out[n, o] = act(bias[o] + sum_k wpk[j, o // ROWS, k, o % ROWS] * packed(src[n])[cols[j,
     k] + grid]) for every job j, emitted as the job says: this thread's share of the work.
 
@@ -184,17 +185,21 @@ def correlate(src, mask, masked, geo, jobs, cols, bits, wpk, bias, relu, out, bu
     in blocks of ROWS, zero-padded); cols (J, K) buffer positions; bits (1 + J, img / lanes)
     lane bits of the pixels and of each job's outputs in a slot; bias (OB*ROWS,); out
     (N, O, ., .). bufs (shares, C, size) and accs (shares, ROWS, length) are per-thread
-    scratch. Work items (block of images, chunk of output-channel blocks) are split statically
-    into `shares` ranges, this call doing range `share` (kernels/cpu/conv_threads.py runs the
-    shares at once); a thread packs a block once per run of its items.
+    scratch, bufs[share] and accs[share] this thread's. Work items (block of images, chunk of
+    output-channel blocks) are claimed one at a time through counter (int64 (1,), zero at the
+    start) by the `shares` threads that kernels/cpu/conv_threads.py runs at once: each output
+    is computed by one thread, so the result does not depend on who took what; a thread packs
+    a block once per run of its items.
     """
     tasks = -(-src.shape[0] // geo.nb) * chunks
-    first, stop = share * tasks // shares, (share + 1) * tasks // shares
     buf, acc = bufs[share], accs[share]
     nblocks = wpk.shape[1]
     per = -(-nblocks // chunks)
     last = -1
-    for task in range(first, stop):
+    while True:
+        task = claim(counter)
+        if task >= tasks:
+            break
         blk, chunk = task // chunks, task % chunks
         n0 = blk * geo.nb
         cnt = min(geo.nb, src.shape[0] - n0)
@@ -253,50 +258,59 @@ def _gy_grid(gy, mask, masked, n0, cnt, o, grid, i, end, length, geo, bits):
 
 @njit(cache=True, nogil=True)
 def weight_grad(gy, mask, masked, src, unmasked, geo, cols, bits, parts, bparts, bufs, grids,
-                chunks, share, shares):
-    """parts[share, o, k] = this thread's share of sum_n sum_grid gy[n, o] *
-    packed(src[n])[cols[k] + grid] (gy zero where mask > 0 fails, when masked);
-    bparts[share, o] its share of sum gy[n, o].
+                chunks, counter, share, shares):
+    """parts[g, o, k] = group g's share of sum_n sum_grid gy[n, o] * packed(src[n])[cols[k]
+    + grid] (gy zero where mask > 0 fails, when masked); bparts[g, o] its share of sum gy[n, o].
 
     gy, mask (N, O, OH, OW), src (N, C, H, W) (unmasked: False, a value rather than a constant
     so that pack compiles once for both kernels), cols (K,) buffer positions of the (input
     channel, tap) pairs, K a multiple of COLS; bits as for correlate (the forward's).
-    Scratch: bufs (shares, C, size), grids
-    (shares, ROWS, length) zero outside the output positions; parts (shares, OB*ROWS, K),
-    bparts (shares, OB*ROWS), summed over the shares by the caller: no atomics.
+    parts (G, OB*ROWS, K), bparts (G, OB*ROWS): the image blocks fall into G groups of
+    consecutive blocks; a work item (group, chunk of output-channel blocks), claimed through
+    counter as in correlate, sums its group's blocks in order into its own rows, and the caller
+    adds the groups in order: the result depends neither on which thread took what nor on the
+    thread count (no atomics on the sums). Scratch: bufs (shares, C, size) and grids (shares,
+    ROWS, length), zero outside the output positions, bufs[share] and grids[share] this
+    thread's.
     """
-    tasks = -(-gy.shape[0] // geo.nb) * chunks
-    first, stop = share * tasks // shares, (share + 1) * tasks // shares
-    part, bpart, buf, grid = parts[share], bparts[share], bufs[share], grids[share]
-    nout = gy.shape[1]
-    nblocks = part.shape[0] // ROWS
+    nimg, nout = gy.shape[0], gy.shape[1]
+    blocks, groups = -(-nimg // geo.nb), parts.shape[0]
+    buf, grid = bufs[share], grids[share]
+    nblocks = parts.shape[1] // ROWS
     per = -(-nblocks // chunks)
     ncols = cols.shape[0]
-    _zero(part.reshape(-1), 0, part.size)
-    _zero(bpart, 0, bpart.size)
-    zeros = np.zeros(ROWS, part.dtype)
+    zeros = np.zeros(ROWS, parts.dtype)
     last = -1
-    for task in range(first, stop):
-        blk, chunk = task // chunks, task % chunks
-        n0 = blk * geo.nb
-        cnt = min(geo.nb, src.shape[0] - n0)
-        if blk != last:
-            for b in range(cnt):
-                pack(src, src, unmasked, n0 + b, buf, b, geo, bits)
-            if cnt < geo.nb:
-                _clear_slots(buf, cnt, geo)
-            last = blk
-        end = (cnt - 1) * geo.img + gy.shape[2] * geo.wq
-        length = _grid_length(cnt, gy.shape[2], geo)
-        for ob in range(chunk * per, min(nblocks, (chunk + 1) * per)):
-            for i in range(ROWS):
-                if ob * ROWS + i < nout:
-                    bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt, ob * ROWS + i,
-                                                     grid, i, end, length, geo, bits[1])
-                else:  # a padding channel of the last block: contributes nothing
-                    _zero(grid[i], 0, length)
-            for kb in range(0, ncols, COLS):
-                t = tile_splat(zeros, 0, ROWS, COLS)
-                for p in range(0, length, geo.lanes):
-                    t = tile_dot(t, grid, p, geo.length, buf, cols, kb, p)
-                tile_sum_into(t, part, ob * ROWS * ncols + kb, ncols)
+    while True:
+        task = claim(counter)
+        if task >= groups * chunks:
+            break
+        group, chunk = task // chunks, task % chunks
+        obs = range(chunk * per, min(nblocks, (chunk + 1) * per))
+        part, bpart = parts[group], bparts[group]
+        _zero(part.reshape(-1), obs.start * ROWS * ncols, obs.stop * ROWS * ncols)
+        _zero(bpart, obs.start * ROWS, obs.stop * ROWS)
+        for blk in range(group * blocks // groups, (group + 1) * blocks // groups):
+            n0 = blk * geo.nb
+            cnt = min(geo.nb, nimg - n0)
+            if blk != last:
+                for b in range(cnt):
+                    pack(src, src, unmasked, n0 + b, buf, b, geo, bits)
+                if cnt < geo.nb:
+                    _clear_slots(buf, cnt, geo)
+                last = blk
+            end = (cnt - 1) * geo.img + gy.shape[2] * geo.wq
+            length = _grid_length(cnt, gy.shape[2], geo)
+            for ob in obs:
+                for i in range(ROWS):
+                    if ob * ROWS + i < nout:
+                        bpart[ob * ROWS + i] += _gy_grid(gy, mask, masked, n0, cnt,
+                                                         ob * ROWS + i, grid, i, end, length,
+                                                         geo, bits[1])
+                    else:  # a padding channel of the last block: contributes nothing
+                        _zero(grid[i], 0, length)
+                for kb in range(0, ncols, COLS):
+                    t = tile_splat(zeros, 0, ROWS, COLS)
+                    for p in range(0, length, geo.lanes):
+                        t = tile_dot(t, grid, p, geo.length, buf, cols, kb, p)
+                    tile_sum_into(t, part, ob * ROWS * ncols + kb, ncols)

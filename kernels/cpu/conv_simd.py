@@ -218,3 +218,16 @@ def tile_sum_into(typingctx, tile, out, at, stride):
                 builder.store(builder.fadd(builder.load(ptr), total), ptr)
         return context.get_dummy_value()
     return types.none(tile, out, at, stride), codegen
+
+
+@intrinsic
+def claim(typingctx, counter):
+    """counter[0] += 1, atomically; returns the value before: the next work item of a call,
+    taken by whichever thread is free (threads slowed by other processes take fewer)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _at(context, builder, counter, args[0], ir.Constant(ir.IntType(64), 0))
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return types.int64(counter), codegen
