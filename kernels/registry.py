@@ -1,8 +1,8 @@
-"""The one list of minires's kernels: for each, its name, family, argument checks, test cases
-and bench rows. kernels/__init__.py builds its dispatch functions from it, kernels.cpu and
+"""The one list of minires's kernels: for each, its name, family, argument check (defined
+beside its reference implementation in kernels/reference.py), test cases and bench rows. kernels/__init__.py builds its dispatch functions from it, kernels.cpu and
 kernels.cuda import each kernel from the family module it names, the tests and `python -m
 bench` iterate over it. docs/kernels.md says how to add a kernel. Imports numpy, kernels._common
-and kernels.reference (to build test cases), never minires.
+and kernels.reference (checks, test cases), never minires.
 
 A check `check(*args, **kwargs)` takes the public call's arguments, raises TypeError or
 ValueError naming the kernel, and returns the positional arguments the implementations take
@@ -15,7 +15,11 @@ from typing import Callable
 import numpy as np
 
 from . import reference
-from ._common import is_device_array
+from .reference import (check_conv2d_forward, check_conv2d_backward_input,
+                        check_conv2d_backward_weight, check_relu_forward, check_relu_backward,
+                        check_residual_add_forward, check_residual_add_backward,
+                        check_max_pool2d_forward, check_max_pool2d_backward,
+                        check_batch_norm_forward, check_batch_norm_backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,184 +44,6 @@ class BenchRow:
     arrays: Callable  # arrays(rng, n) -> {name: float32 host array} at batch n
     ours: Callable  # ours(k, a) -> (fwd, both) callables; k is kernels or kernels.reference
     torch: Callable  # torch(torch, t) -> (fwd, both) over torch tensors t (same names)
-
-
-# --- argument checks --------------------------------------------------------------------
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def floats(op, **arrays):
-    """Same dtype (float32/float64) and same kind of device for every non-None array."""
-    first = None
-    for a in arrays.values():  # the common case, in a plain loop: this runs on every call
-        if a is None:
-            continue
-        if first is None:
-            first, dtype, kind = a, a.dtype, type(a)
-        elif a.dtype != dtype or (type(a) is not kind
-                                  and is_device_array(a) != is_device_array(first)):
-            break
-    else:
-        if dtype in _FLOATS:
-            return
-    given = {k: a for k, a in arrays.items() if a is not None}
-    if len({a.dtype for a in given.values()}) != 1 or dtype not in _FLOATS:
-        detail = ", ".join(f"{k}: {a.dtype}" for k, a in given.items())
-        raise TypeError(f"{op}: expected float32 or float64 arrays of one dtype, got {detail}")
-    detail = ", ".join(f"{k}: {type(a).__name__}" for k, a in given.items())
-    raise TypeError(f"{op}: arrays on different devices ({detail})")
-
-
-def pair(op, name, v):
-    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, (int, np.integer)) for i in v):
-        return (int(v[0]), int(v[1]))
-    raise ValueError(f"{op}: {name} must be a pair of ints, got {v!r}")
-
-
-def shape_is(op, name, a, shape, against="gy"):
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}"
-                         + ("" if against == "gy" else f" ({against})"))
-
-
-def _conv(op, x_shape, w_shape, stride, padding):
-    stride, padding = pair(op, "stride", stride), pair(op, "padding", padding)
-    if len(x_shape) != 4 or len(w_shape) != 4 or x_shape[1] != w_shape[1]:
-        raise ValueError(f"{op}: expected x (N, C, H, W) and w (O, C, KH, KW) with the same C, "
-                         f"got x {tuple(x_shape)} and w {tuple(w_shape)}")
-    if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"{op}: stride must be >= 1 and padding >= 0, got {stride}, {padding}")
-    oh = (x_shape[2] + 2 * padding[0] - w_shape[2]) // stride[0] + 1
-    ow = (x_shape[3] + 2 * padding[1] - w_shape[3]) // stride[1] + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"{op}: kernel {tuple(w_shape[2:])} larger than padded input "
-                         f"{tuple(x_shape[2:])} with padding {padding}")
-    return stride, padding, (x_shape[0], w_shape[0], oh, ow)
-
-
-def check_conv2d_forward(x, w, b, stride, padding):
-    op = "conv2d_forward"
-    floats(op, x=x, w=w, b=b)
-    stride, padding, _ = _conv(op, x.shape, w.shape, stride, padding)
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"{op}: bias shape {tuple(b.shape)}, expected ({w.shape[0]},)")
-    return x, w, b, stride, padding
-
-
-def check_conv2d_backward_input(gy, w, x_shape, stride, padding):
-    op = "conv2d_backward_input"
-    floats(op, gy=gy, w=w)
-    stride, padding, y_shape = _conv(op, x_shape, w.shape, stride, padding)
-    shape_is(op, "gy", gy, y_shape)
-    return gy, w, tuple(x_shape), stride, padding
-
-
-def check_conv2d_backward_weight(gy, x, w_shape, stride, padding, bias=True):
-    op = "conv2d_backward_weight"
-    floats(op, gy=gy, x=x)
-    stride, padding, y_shape = _conv(op, x.shape, w_shape, stride, padding)
-    shape_is(op, "gy", gy, y_shape)
-    return gy, x, tuple(w_shape), stride, padding, bool(bias)
-
-
-def check_relu_forward(x):
-    floats("relu_forward", x=x)
-    return (x,)
-
-
-def check_relu_backward(gy, y):
-    floats("relu_backward", gy=gy, y=y)
-    shape_is("relu_backward", "gy", gy, y.shape, "y's")
-    return gy, y
-
-
-def _alpha(op, alpha):
-    if alpha is not None and alpha.size != 1:
-        raise ValueError(f"{op}: alpha must have one element, got shape {tuple(alpha.shape)}")
-
-
-def check_residual_add_forward(x, fx, alpha=None, relu=False):
-    op = "residual_add_forward"
-    floats(op, x=x, fx=fx, alpha=alpha)
-    _alpha(op, alpha)
-    shape_is(op, "fx", fx, x.shape, "x's")
-    return x, fx, alpha, bool(relu)
-
-
-def check_residual_add_backward(gy, y, fx, alpha=None, relu=False):
-    op = "residual_add_backward"
-    if relu and y is None or alpha is not None and fx is None:
-        raise ValueError(f"{op}: y is required when relu, fx when alpha is set")
-    y, fx = (y if relu else None), (fx if alpha is not None else None)  # read only then
-    floats(op, gy=gy, y=y, fx=fx, alpha=alpha)
-    _alpha(op, alpha)
-    for name, a in (("y", y), ("fx", fx)):
-        if a is not None:
-            shape_is(op, name, a, gy.shape, "gy's")
-    return gy, y, fx, alpha, bool(relu)
-
-
-def _pool(op, x_shape, kernel, stride):
-    kernel, stride = pair(op, "kernel", kernel), pair(op, "stride", stride)
-    if len(x_shape) != 4:
-        raise ValueError(f"{op}: expected x (N, C, H, W), got shape {tuple(x_shape)}")
-    if min(kernel) < 1 or min(stride) < 1 or kernel[0] > x_shape[2] or kernel[1] > x_shape[3]:
-        raise ValueError(f"{op}: kernel {kernel} / stride {stride} invalid for input "
-                         f"{tuple(x_shape)}")
-    out = (x_shape[0], x_shape[1], (x_shape[2] - kernel[0]) // stride[0] + 1,
-           (x_shape[3] - kernel[1]) // stride[1] + 1)
-    return kernel, stride, out
-
-
-def check_max_pool2d_forward(x, kernel, stride):
-    floats("max_pool2d_forward", x=x)
-    kernel, stride, _ = _pool("max_pool2d_forward", x.shape, kernel, stride)
-    return x, kernel, stride
-
-
-def check_max_pool2d_backward(gy, argmax, x_shape, kernel, stride):
-    op = "max_pool2d_backward"
-    floats(op, gy=gy)
-    kernel, stride, y_shape = _pool(op, x_shape, kernel, stride)
-    shape_is(op, "gy", gy, y_shape)  # the kernels index gx through gy's shape
-    shape_is(op, "argmax", argmax, gy.shape, "gy's")
-    if argmax.dtype.kind not in "iu" or is_device_array(argmax) != is_device_array(gy):
-        raise TypeError(f"{op}: argmax must be an integer array on gy's device, got "
-                        f"{type(argmax).__name__} of {argmax.dtype} (gy: {type(gy).__name__})")
-    return gy, argmax, tuple(x_shape), kernel, stride
-
-
-def _bn(op, x, per_channel):
-    if x.ndim not in (2, 4):
-        raise ValueError(f"{op}: expected x (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
-    for name, a in per_channel.items():
-        if a is not None and tuple(a.shape) != (x.shape[1],):
-            raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected "
-                             f"({x.shape[1]},) for x {tuple(x.shape)}")
-
-
-def check_batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum,
-                             eps, relu=False):
-    op = "batch_norm_forward"
-    floats(op, x=x, gamma=gamma, beta=beta)
-    stats = {"running_mean": running_mean, "running_var": running_var}
-    _bn(op, x, dict(gamma=gamma, beta=beta, **stats))
-    for name, a in stats.items():  # any float dtype: updated in place, read as x's dtype
-        if a is not None and (a.dtype.kind != "f" or is_device_array(a) != is_device_array(x)):
-            raise TypeError(f"{op}: {name} must be a float array on x's device, got "
-                            f"{type(a).__name__} of {a.dtype} (x: {type(x).__name__})")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(f"{op}: eval mode (training=False) needs running_mean and running_var")
-    return (x, gamma, beta, running_mean, running_var, bool(training), float(momentum),
-            float(eps), bool(relu))
-
-
-def check_batch_norm_backward(gy, x, gamma, beta, mean, inv_std, training, relu=False):
-    op = "batch_norm_backward"
-    floats(op, gy=gy, x=x, gamma=gamma, beta=beta, mean=mean, inv_std=inv_std)
-    _bn(op, x, dict(gamma=gamma, beta=beta, mean=mean, inv_std=inv_std))
-    shape_is(op, "gy", gy, x.shape, "x's")
-    return gy, x, gamma, beta, mean, inv_std, bool(training), bool(relu)
 
 
 # --- test cases: tiny shapes, and shapes big enough for the threaded path ----------------
@@ -468,10 +294,10 @@ KERNELS = (
                                        _randn(rng, ws[0], dt), s, p)), ("reduce",)),
     Kernel("conv2d_backward_input", "conv", check_conv2d_backward_input, _conv_cases(
         lambda rng, dt, xs, ws, s, p: (
-            _randn(rng, _conv("", xs, ws, s, p)[2], dt), _randn(rng, ws, dt), xs, s, p)),
+            _randn(rng, reference.conv_shapes("", xs, ws, s, p)[2], dt), _randn(rng, ws, dt), xs, s, p)),
         ("reduce",)),
     Kernel("conv2d_backward_weight", "conv", check_conv2d_backward_weight, _conv_cases(
-        lambda rng, dt, xs, ws, s, p: (_randn(rng, _conv("", xs, ws, s, p)[2], dt),
+        lambda rng, dt, xs, ws, s, p: (_randn(rng, reference.conv_shapes("", xs, ws, s, p)[2], dt),
                                        _randn(rng, xs, dt), ws, s, p, True)),
         ("reduce", "reduce")),
     Kernel("relu_forward", "elementwise", check_relu_forward,
