@@ -38,6 +38,10 @@ def parse(argv):
     e.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="evaluate on the first N test images only (default all 10,000)")
     e.add_argument("--no-torch", action="store_true", help="time the minires side only")
+    e.add_argument("--in-process", action="store_true", help="run both sides in this process "
+                   "(default: each round of each side in a fresh process, as a user's job runs;"
+                   " two OpenMP runtimes in one process slow each other down)")
+    e.add_argument("--only-side", choices=("minires", "torch"), help=argparse.SUPPRESS)
     c = p.add_argument_group("launches")
     c.add_argument("--simulate", action="store_true", help="count without a GPU: minires's "
                    "CUDA path under Numba's CUDA simulator, CuPy's launches estimated")
@@ -82,7 +86,8 @@ def main(argv=None):
         from bench import launches
         return launches.run_simulated(args)
     try:
-        xp, torch, tdev = common.setup(args.device, args.threads)
+        xp, torch, tdev = common.setup(args.device, args.threads, with_torch=not (
+            args.what == "epoch" and (args.no_torch or args.only_side == "minires")))
     except common.BenchError as err:
         print(f"python -m bench: error: {err}", file=sys.stderr)
         return 2

@@ -24,14 +24,15 @@ def load_torch():
     return torch
 
 
-def setup(device, threads):
+def setup(device, threads, with_torch=True):
     """Check the device, fix the thread counts; return (xp, torch or None, torch device).
 
     threads applies to Numba, BLAS and PyTorch (minires.runtime.set_threads and torch's own).
+    with_torch=False never imports torch (a process that times minires alone).
     """
     # torch first: its OpenMP runtime then starts with the user's settings, not the passive
     # wait policy chosen next for Numba's (see minires.runtime): a fair comparison
-    torch = load_torch()
+    torch = load_torch() if with_torch else None
     from minires import backend, runtime
     runtime.prefer_passive_openmp()  # before any kernel starts Numba's pool
     if device == "cuda" and not backend.cupy_available():

@@ -249,15 +249,12 @@ def run(args, xp, torch, tdev, sync, header):
     ctx = dict(recipe=recipe, run=dict(recipe["run"], model=args.model, batch_size=batch),
                seed=cli.DEFAULTS["seed"], device=args.device, sync=sync, torch=torch,
                tdev=tdev, threads=_threads(torch if with_torch else None))
-    lrs = _lr_values(ctx["run"], max(len(mtrain), 2))
-    warm = _warmup(ctx, sets, batch, lrs, with_torch)
-    rows = []
-    for rnd in range(1, args.rounds + 1):
-        rows.append(minires_round(ctx, mtrain, mtest, rnd))
-        if with_torch:
-            common.settle()
-            rows.append(torch_round(ctx, ttrain, ttest, rnd, lrs))
-        common.settle()
+    if args.only_side is None and not args.in_process:
+        rows, warm, threads = _isolated_rounds(args, with_torch)
+        ctx["threads"] = threads
+    else:
+        sides = [args.only_side] if args.only_side else ["minires"] + ["torch"] * with_torch
+        rows, warm = _rounds(ctx, args, sets, (mtrain, mtest, ttrain, ttest), sides)
     for r in rows:
         r["verdict"] = _verdict(r, len(mtrain))
     ours, our_bad = _best(rows, "minires")
@@ -267,6 +264,8 @@ def run(args, xp, torch, tdev, sync, header):
         note = ("PyTorch side skipped (--no-torch)" if args.no_torch else
                 "PyTorch not installed (pip install '.[bench]'): minires side only"
                 if torch is None else "this PyTorch has no CUDA: minires side only")
+    elif ours is None or theirs is None:  # a child process of an isolated run
+        note = f"{args.only_side} side only (one process of `bench epoch`)"
     elif our_bad or their_bad:
         note = "; ".join(f"{side} diverged ({why}): times not compared"
                          for side, why in (("minires", our_bad), ("torch", their_bad)) if why)
@@ -292,14 +291,56 @@ def run(args, xp, torch, tdev, sync, header):
     return 0
 
 
-def _warmup(ctx, sets, batch, lrs, with_torch):
+def _rounds(ctx, args, sets, loaders, sides):
+    """args.rounds rounds of the given sides in this process, after a warm-up of each;
+    returns (rows, warm-up summary)."""
+    mtrain, mtest, ttrain, ttest = loaders
+    lrs = _lr_values(ctx["run"], max(len(mtrain), 2))
+    warm = _warmup(ctx, sets, args.batch[0], lrs, sides)
+    rows = []
+    for rnd in range(1, args.rounds + 1):
+        for side in sides:
+            rows.append(minires_round(ctx, mtrain, mtest, rnd) if side == "minires" else
+                        torch_round(ctx, ttrain, ttest, rnd, lrs))
+            common.settle()
+    return rows, warm
+
+
+def _isolated_rounds(args, with_torch):
+    """Each round of each side in a fresh `python -m bench epoch --only-side SIDE` process,
+    the sides alternating: a process that has loaded PyTorch's OpenMP runtime beside
+    Numba's runs minires's kernels up to twice slower (measured), and a user's job loads
+    one engine. Returns (rows, warm-up summary, threads per side)."""
+    import subprocess
+    argv = [sys.executable, "-m", "bench", "epoch", "--json", "--rounds", "1", "--model",
+            args.model, "--batch", str(args.batch[0]), "--device", args.device]
+    for flag, value in (("--threads", args.threads), ("--steps", args.steps),
+                        ("--test-limit", args.test_limit)):
+        argv += [flag, str(value)] if value is not None else []
+    rows, warm, threads = [], {}, {"minires": None, "torch": None}
+    for rnd in range(1, args.rounds + 1):
+        for side in ["minires"] + ["torch"] * with_torch:
+            proc = subprocess.run(argv + ["--only-side", side], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench epoch: the {side} process failed:\n"
+                                   f"{proc.stderr[-3000:]}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = dict(child["rounds"][0], round=rnd)
+            rows.append(row)
+            warm.setdefault(side, child["header"]["warm-up"].split(" (")[0])
+            threads[side] = child["threads"][side]
+    note = f" ({WARMUP_STEPS} steps and a test batch each, untimed, in every fresh process)"
+    return rows, ", ".join(warm.values()) + note, threads
+
+
+def _warmup(ctx, sets, batch, lrs, sides):
     """WARMUP_STEPS untimed steps of each side on the first training images; a summary."""
     n = WARMUP_STEPS * batch
     (images, labels), (test_x, test_y) = sets
     images, labels, test_x, test_y = (images[:n], labels[:n], test_x[:cli.EVAL_BATCH],
                                       test_y[:cli.EVAL_BATCH])
     times = {}
-    for side in ("minires",) + (("torch",) if with_torch else ()):
+    for side in sides:
         dev = ctx["device"] if side == "minires" else "cpu"
         loader = _FirstBatches(images, labels, batch_size=batch, seed=cli.DEFAULTS["seed"],
                                device=dev)
