@@ -59,10 +59,16 @@ class Optimizer:
             p.grad = None
 
     def step(self):
-        """Update every parameter that has a gradient (those with grad None are skipped)."""
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
+        """Update every parameter that has a gradient (those with grad None are skipped): on
+        the GPU through the subclass's multi-tensor kernel (_step_fused) where it has one and
+        it applies, else tensor by tensor (_update)."""
+        todo = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        fused = getattr(self, "_step_fused", None)
+        if (fused is not None and todo and backend.device_of(todo[0][1].data) == "cuda"
+                and fused(todo)):
+            self.steps += 1
+            return
+        for i, p in todo:
             self._update(p, p.grad, self._state_for(i, p))
         self.steps += 1
 
@@ -172,16 +178,6 @@ class SGD(Optimizer):
     def _required(self):
         return {"momentum_buffer"} if self.momentum else set()
 
-    def step(self):
-        """Update every parameter that has a gradient. On the GPU all of them in one kernel
-        launch (per 16 parameters: kernels.sgd_update); elsewhere, or where that kernel does
-        not apply, tensor by tensor (_update)."""
-        todo = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
-        if todo and backend.device_of(todo[0][1].data) == "cuda" and self._step_fused(todo):
-            self.steps += 1
-            return
-        super().step()
-
     def _step_fused(self, todo):
         """The multi-tensor update of `todo` [(index, parameter)]; False if it does not apply
         (nothing changed then). New momentum buffers are allocated here and kept only when the
@@ -246,15 +242,6 @@ class Adam(Optimizer):
 
     def _required(self):
         return {"step", "exp_avg", "exp_avg_sq"}
-
-    def step(self):
-        """Update every parameter that has a gradient: on the GPU in one kernel launch per 12
-        parameters (kernels.adam_update), elsewhere tensor by tensor (_update)."""
-        todo = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
-        if todo and backend.device_of(todo[0][1].data) == "cuda" and self._step_fused(todo):
-            self.steps += 1
-            return
-        super().step()
 
     def _step_fused(self, todo):
         """The multi-tensor update of `todo` [(index, parameter)]; False (nothing changed) if

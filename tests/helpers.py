@@ -65,3 +65,24 @@ def naive_conv(x, w, b, stride, padding):
             win = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
             y[:, :, i, j] = np.einsum("ncpq,ocpq->no", win, w)
     return y + b[None, :, None, None]
+
+
+def fail_on(monkeypatch, target, attr, exc, after=0):
+    """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
+    real, calls = getattr(target, attr), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, fake)
+
+
+def same(a, b):
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    return a == b

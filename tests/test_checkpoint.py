@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from helpers import fail_on, same
 from minires import checkpoint, cli
 
 
@@ -169,19 +170,6 @@ def _state(rng):
     return {"step": 1, "w": rng.standard_normal((4, 3)), "m": {"b": np.arange(5)}}
 
 
-def _fail_on(monkeypatch, target, attr, exc, after=0):
-    """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
-    real, calls = getattr(target, attr), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(target, attr, fake)
-
-
 FAILURES = {  # where a write can fail, and how
     "disk full mid-write": (np.lib.format, "write_array",
                             OSError(errno.ENOSPC, "No space left on device"), 1),
@@ -199,7 +187,7 @@ def test_failed_write_raises_and_keeps_the_previous_checkpoint(case, tmp_path, r
     checkpoint.save(_state(rng), path)
     before = path.read_bytes()
     target, attr, exc, after = FAILURES[case]
-    _fail_on(monkeypatch, target, attr, exc, after)
+    fail_on(monkeypatch, target, attr, exc, after)
     with pytest.raises(OSError) as info:
         checkpoint.save({"step": 2, "w": np.zeros((4, 3)), "m": {"b": np.ones(5)}}, path)
     monkeypatch.undo()
@@ -302,14 +290,6 @@ def test_npy_header_that_lies_about_its_size(tmp_path):
         checkpoint.load(path)
 
 
-def _same(a, b):
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    return a == b
-
-
 def test_every_single_bit_flip_is_caught_or_harmless(tmp_path, rng):
     """Flip one bit of every byte of a small checkpoint (bit i % 8 of byte i): load either
     raises a ValueError naming the file or returns exactly the original content (a flip in a
@@ -328,6 +308,6 @@ def test_every_single_bit_flip_is_caught_or_harmless(tmp_path, rng):
             assert "flipped.npz" in str(err)
             outcomes["error"] += 1
         else:
-            assert _same(original, got), i
+            assert same(original, got), i
             outcomes["same"] += 1
     assert outcomes["error"] > 0.75 * len(raw), outcomes  # data, CRCs, sizes, names checked

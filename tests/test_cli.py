@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers import fail_on
 from minires import backend, checkpoint, checks, cli, data, runtime
 from minires.tensor import Function
 
@@ -202,21 +203,8 @@ def test_resume_reads_the_checkpoint_once(mnist_dir, tmp_path, monkeypatch, caps
 
 
 # --- failures and --profile ---------------------------------------------------------------
-def _fail_on(monkeypatch, target, attr, exc, after=0):
-    """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
-    real, calls = getattr(target, attr), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(target, attr, fake)
-
-
 def test_cli_reports_a_failed_write_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
-    _fail_on(monkeypatch, tempfile, "mkstemp",
+    fail_on(monkeypatch, tempfile, "mkstemp",
              PermissionError(errno.EACCES, "Permission denied"), after=1)  # metrics ok
     argv = ["train", "--limit", "64", "--data", str(mnist_dir), "--out", str(tmp_path),
             "--threads", "1"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import minires.ops as F
+from helpers import same
 from minires import backend, models, nn, optim
 from minires.tensor import Tensor
 
@@ -133,14 +134,6 @@ def test_mistake_gets_a_clear_error(mistake):
         call()
 
 
-def _same(a, b):
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    return a == b
-
-
 @pytest.mark.parametrize("change", ["missing", "extra", "shape", "dtype"])
 def test_load_state_dict_mismatch_loads_nothing(change):
     model, other = _net(), models.seed_net(rng=1)
@@ -160,7 +153,7 @@ def test_load_state_dict_mismatch_loads_nothing(change):
     before = model.state_dict()
     with pytest.raises(ValueError, match=message):
         model.load_state_dict(state)
-    assert _same(before, model.state_dict())
+    assert same(before, model.state_dict())
 
 
 @pytest.fixture

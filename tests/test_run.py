@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers import fail_on, same
 from minires import checkpoint, data, models, optim, run, runtime, train
 
 
@@ -215,19 +216,6 @@ def test_resume_keeps_only_whole_rows_up_to_the_checkpoint(tmp_path):
 
 
 # --- failures during training -----------------------------------------------------
-def _fail_on(monkeypatch, target, attr, exc, after=0):
-    """Make target.attr raise exc on its (after+1)-th call (calls before it go through)."""
-    real, calls = getattr(target, attr), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(target, attr, fake)
-
-
 @pytest.fixture(scope="module")
 def mnist(mnist_dir):
     return data.load_mnist("train", mnist_dir)
@@ -244,7 +232,7 @@ def test_disk_full_during_training_stops_with_a_clear_error(mnist, tmp_path, mon
 
     def save(obj, path):
         if obj["step"] == 4:
-            _fail_on(monkeypatch, np.lib.format, "write_array",
+            fail_on(monkeypatch, np.lib.format, "write_array",
                      OSError(errno.ENOSPC, "No space left on device"), after=2)
         real(obj, path)
 
@@ -308,14 +296,6 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
 
 
 # --- broken checkpoints into a run: clear error, nothing changed --------------------------
-def _same(a, b):
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    return a == b
-
-
 def _run(mnist, model="seed", channels=16, opt="adam", batch_size=16, steps=2):
     """(model, optimizer, scheduler, loader) after `steps` training steps."""
     x, y = mnist
@@ -384,7 +364,7 @@ def test_broken_checkpoint_changes_nothing(case, mnist, tmp_path):
     before = _everything(job)
     with pytest.raises(run.ResumeError, match=message):
         run.restore(path, *job, hparams={"model": "seed"})
-    assert _same(before, _everything(job))  # every parameter, moment, position, lr
+    assert same(before, _everything(job))  # every parameter, moment, position, lr
 
 
 def test_good_checkpoint_does_change_the_run(mnist, tmp_path):
@@ -393,5 +373,5 @@ def test_good_checkpoint_does_change_the_run(mnist, tmp_path):
     job = _run(mnist)
     before = _everything(job)
     assert run.restore(path, *job, hparams={"model": "seed"}) == 3
-    assert not _same(before, _everything(job))
-    assert _same(_everything(_run(mnist, steps=3)), _everything(job))
+    assert not same(before, _everything(job))
+    assert same(_everything(_run(mnist, steps=3)), _everything(job))

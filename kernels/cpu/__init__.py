@@ -2,8 +2,9 @@
 kernels/reference.py, for float32 and float64 NumPy arrays (inputs may be non-contiguous;
 they are read, never modified).
 
-One module per family, named by kernels/registry.py: conv (its @njit loops in conv_loops and
-conv_simd), elementwise (ReLU, the fused residual add), pooling, norm (batch norm, optionally +
+One module per family, named by kernels/registry.py: conv (its @njit loops in conv_loops,
+register tiles in conv_simd, vector copies in conv_copy, its thread team in conv_threads),
+elementwise (ReLU, the fused residual add), pooling, norm (batch norm, optionally +
 ReLU); memory holds scratch and output reuse, threads and the launch lock. Each registered
 kernel is imported here from its family's module, so a new kernel or family needs no edit here.
 """
