@@ -27,7 +27,7 @@ MODELS = {  # name -> builder(seed); "plain" is the seed net without its skip co
 # seed net: measured 98.57% (seed 0). In a one-epoch sweep of the same net and batches, SGD
 # (Nesterov) 0.05 one-cycle gave 98.44-98.63% over 6 seeds, Adam 5e-3 one-cycle 98.12-98.54%,
 # Adam 3e-3 97.85% and Adam 1e-3 97.26% (this Kaiming init starts at a loss near 10).
-COLD_COMPILE_S = 15  # seconds a cold Numba cache takes to compile every kernel (2 cores)
+COLD_COMPILE_S = 10  # seconds a cold Numba cache took to compile every kernel (2 cores, measured)
 DEFAULTS = dict(model="seed", optimizer="sgd", lr=None, schedule="onecycle", epochs=1,
                 batch_size=64, seed=0, limit=0)
 DEFAULT_LR = {"sgd": 0.05, "adam": 5e-3, "adamw": 5e-3}  # SGD: momentum 0.9, Nesterov
