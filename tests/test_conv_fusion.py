@@ -174,6 +174,18 @@ def test_sequential_fuses_only_conv_then_exact_relu(rng):
     assert calls == ["spy"] and relu_calls == [1]
 
 
+def test_sequential_never_fuses_a_subclass_that_overrides_forward(rng):
+    """A Conv2d subclass with its own forward keeps it: fusing would call Conv2d's conv."""
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    conv = Doubled(1, 2, 3, padding=1, rng=rng, dtype=np.float64)
+    x = rng.standard_normal((1, 1, 5, 5))
+    y = nn.Sequential(conv, nn.ReLU())(x)
+    np.testing.assert_array_equal(y.data, np.maximum(conv(x).data, 0))
+
+
 def test_trace_modules_still_tags_fused_layers(rng):
     """viz.trace_modules wraps each module's forward: those modules run unfused, tagged."""
     from minires import viz

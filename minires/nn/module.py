@@ -205,6 +205,15 @@ def _checked_value(key, value, target):
     return backend.to_device(raw, backend.device_of(target))
 
 
+def _fusable(module):
+    """True if module.forward_relu(x) is relu(module(x)): the class that defines forward_relu
+    also defines the forward in use (a subclass overriding forward alone, or a forward
+    replaced on the instance, is never fused)."""
+    owner = next((k for k in type(module).__mro__ if "forward_relu" in vars(k)), None)
+    return (owner is not None and type(module).forward is vars(owner).get("forward")
+            and "forward" not in vars(module))
+
+
 class Sequential(Module):
     """Modules applied in order: Sequential(a, b, c)(x) == c(b(a(x))). Indexable, iterable.
 
@@ -214,7 +223,8 @@ class Sequential(Module):
     nn.ReLU runs as one fused op, `module.forward_relu(x)`, and the ReLU is skipped: same
     values and gradients, one pass less over the activation each way. Set `fuse = False`
     (on the class or an instance) to run every module by itself; a module whose forward is
-    replaced on the instance (a tracing or hooking wrapper) is never fused, so it still runs.
+    replaced on the instance (a tracing or hooking wrapper) or overridden by a subclass is
+    never fused, so it still runs.
     """
 
     fuse = True
@@ -239,8 +249,8 @@ class Sequential(Module):
         while i < len(modules):
             m = modules[i]
             after = modules[i + 1] if i + 1 < len(modules) else None
-            if (self.fuse and type(after) is ReLU and hasattr(m, "forward_relu")
-                    and "forward" not in vars(m) and "forward" not in vars(after)):
+            if (self.fuse and type(after) is ReLU and "forward" not in vars(after)
+                    and _fusable(m)):
                 x = m.forward_relu(x)
                 i += 2
             else:
