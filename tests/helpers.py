@@ -86,3 +86,18 @@ def same(a, b):
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
     return a == b
+
+
+def sgd_setup(train_set, n=128, batch_size=16):
+    """(seed net, DataLoader over the first n images of train_set (x, y), SGD 0.01 momentum
+    0.9): the small run the fault tests poison."""
+    from minires import data, models, optim
+    x, y = train_set
+    loader = data.DataLoader(x[:n], y[:n], batch_size=batch_size, seed=0)
+    model = models.seed_net(rng=0)
+    return model, loader, optim.SGD(model.parameters(), 0.01, momentum=0.9)
+
+
+def param_copies(model):
+    """{name: a copy of the parameter's array}."""
+    return {n: p.data.copy() for n, p in model.named_parameters()}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import fail_on, same
+from helpers import fail_on, param_copies, same, sgd_setup
 from minires import checkpoint, data, models, optim, run, runtime, train
 
 
@@ -248,22 +248,11 @@ def test_disk_full_during_training_stops_with_a_clear_error(mnist, tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "metrics.csv"]
 
 
-def _setup(mnist, n=128, batch_size=16):
-    x, y = mnist
-    loader = data.DataLoader(x[:n], y[:n], batch_size=batch_size, seed=0)
-    model = models.seed_net(rng=0)
-    return model, loader, optim.SGD(model.parameters(), 0.01, momentum=0.9)
-
-
-def _params(model):
-    return {n: p.data.copy() for n, p in model.named_parameters()}
-
-
 def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
     """A weight poisoned after step 5's update: step 6's loss is NaN. The stop names the
     step, the first parameter with a non-finite gradient and the one with a non-finite
     value; the weights are not updated; the step-4 checkpoint is kept."""
-    model, loader, opt = _setup(mnist)
+    model, loader, opt = sgd_setup(mnist)
     real_step, calls = opt.step, []
 
     def poisoned_step():
@@ -277,7 +266,7 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
     real_zero = model.zero_grad
 
     def zero_grad():  # called in every step before backward: remember the weights
-        snapshot.update(_params(model))
+        snapshot.update(param_copies(model))
         real_zero()
 
     model.zero_grad = zero_grad
@@ -289,7 +278,7 @@ def test_nan_loss_names_step_and_parameters(mnist, tmp_path):
                               "with a non-finite value: head.2.weight (10, 144)")
     assert message.endswith(f"last good checkpoint: {tmp_path / 'checkpoint.npz'} (step 4)")
     assert info.value.step == 6 and info.value.parameter == "features.0.weight"
-    for name, value in _params(model).items():  # step 6 changed nothing
+    for name, value in param_copies(model).items():  # step 6 changed nothing
         np.testing.assert_array_equal(value, snapshot[name])
     saved = checkpoint.load(tmp_path / "checkpoint.npz")
     assert saved["step"] == 4 and all(np.isfinite(w).all() for w in saved["model"].values())

@@ -8,6 +8,7 @@ import pytest
 
 import minires.ops as F
 from conftest import TRAIN_SMOKE_ACCURACY
+from helpers import param_copies, sgd_setup
 from minires import checkpoint, cli, data, models, optim, run, runtime, train
 from minires.tensor import Function, Tensor
 
@@ -163,29 +164,18 @@ def mnist_train(mnist):
     return mnist[0]
 
 
-def _sgd_setup(mnist_train, n=128, batch_size=16):
-    x, y = mnist_train
-    loader = data.DataLoader(x[:n], y[:n], batch_size=batch_size, seed=0)
-    model = models.seed_net(rng=0)
-    return model, loader, optim.SGD(model.parameters(), 0.01, momentum=0.9)
-
-
-def _params(model):
-    return {n: p.data.copy() for n, p in model.named_parameters()}
-
-
 def test_inf_gradient_with_finite_loss_stops_before_the_update(mnist_train):
-    model, loader, opt = _sgd_setup(mnist_train)
+    model, loader, opt = sgd_setup(mnist_train)
     bias = model.head[2].bias
     bias.register_hook(lambda g: np.where(np.arange(g.size) == 2, np.inf, g).astype(g.dtype))
-    before = _params(model)
+    before = param_copies(model)
     with runtime.limit_threads(1), pytest.raises(train.NonFiniteLoss) as info:
         run.fit(model, loader, opt, progress=False)
     assert str(info.value).startswith("gradient not finite at step 1 although the loss is "
                                       "finite (")
     assert "first parameter with a non-finite gradient: head.2.bias (10,)" in str(info.value)
     assert info.value.parameter == "head.2.bias"
-    for name, value in _params(model).items():
+    for name, value in param_copies(model).items():
         np.testing.assert_array_equal(value, before[name])
 
 
