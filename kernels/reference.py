@@ -55,27 +55,33 @@ def col2im(col, x_shape, stride, padding):
     return xpad[:, :, ph:ph + h, pw:pw + w]
 
 
-def conv2d_forward(x, w, b, stride, padding):
-    """y[n,o] = sum_{c,i,j} w[o,c,i,j] * xpad[n,c,i+sh*oh,j+sw*ow] + b[o]: (N,O,OH,OW)."""
+def conv2d_forward(x, w, b, stride, padding, relu=False):
+    """y[n,o] = sum_{c,i,j} w[o,c,i,j] * xpad[n,c,i+sh*oh,j+sw*ow] + b[o]: (N,O,OH,OW);
+    relu=True: max(y, 0) (the kernels apply it as they write y)."""
     xp = array_module(x)
     col = im2col(x, w.shape[2], w.shape[3], stride, padding)
     y = xp.tensordot(col, w, axes=([1, 2, 3], [1, 2, 3]))  # (N, OH, OW, O)
     if b is not None:
         y += b
-    return xp.ascontiguousarray(y.transpose(0, 3, 1, 2))
+    y = xp.ascontiguousarray(y.transpose(0, 3, 1, 2))
+    return relu_forward(y) if relu else y
 
 
-def conv2d_backward_input(gy, w, x_shape, stride, padding):
-    """Gradient to the input (N, C, H, W) from gy (N, O, OH, OW)."""
+def conv2d_backward_input(gy, w, x_shape, stride, padding, y=None):
+    """Gradient to the input (N, C, H, W) from gy (N, O, OH, OW); y: the forward's ReLU
+    output when it was fused (relu=True), gy then counts only where y > 0."""
     xp = array_module(gy)
+    gy = gy if y is None else relu_backward(gy, y)
     gcol = xp.tensordot(gy, w, axes=([1], [0]))  # (N, OH, OW, C, KH, KW)
     gcol = gcol.transpose(0, 3, 4, 5, 1, 2)
     return xp.ascontiguousarray(col2im(gcol, x_shape, stride, padding))
 
 
-def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias):
-    """Gradients to the weight (O, C, KH, KW) and, if `bias`, the bias (O,); else None."""
+def conv2d_backward_weight(gy, x, w_shape, stride, padding, bias, y=None):
+    """Gradients to the weight (O, C, KH, KW) and, if `bias`, the bias (O,); else None.
+    y: as in conv2d_backward_input."""
     xp = array_module(gy)
+    gy = gy if y is None else relu_backward(gy, y)
     col = im2col(x, w_shape[2], w_shape[3], stride, padding)
     gw = xp.tensordot(gy, col, axes=([0, 2, 3], [0, 4, 5]))  # (O, C, KH, KW)
     gb = gy.sum(axis=(0, 2, 3)) if bias else None
@@ -206,7 +212,7 @@ def batch_norm_backward(gy, x, gamma, beta, mean, inv_std, training, relu):
     return gx, ggamma, gbeta
 
 
-# --- argument checks: what every implementation may assume --------------------------------------------------------------------
+# --- argument checks: what every implementation may assume -----------------------------
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -259,29 +265,33 @@ def conv_shapes(op, x_shape, w_shape, stride, padding):
     return stride, padding, (x_shape[0], w_shape[0], oh, ow)
 
 
-def check_conv2d_forward(x, w, b, stride, padding):
+def check_conv2d_forward(x, w, b, stride, padding, relu=False):
     op = "conv2d_forward"
     floats(op, x=x, w=w, b=b)
     stride, padding, _ = conv_shapes(op, x.shape, w.shape, stride, padding)
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"{op}: bias shape {tuple(b.shape)}, expected ({w.shape[0]},)")
-    return x, w, b, stride, padding
+    return x, w, b, stride, padding, bool(relu)
 
 
-def check_conv2d_backward_input(gy, w, x_shape, stride, padding):
+def check_conv2d_backward_input(gy, w, x_shape, stride, padding, y=None):
     op = "conv2d_backward_input"
-    floats(op, gy=gy, w=w)
+    floats(op, gy=gy, w=w, y=y)
     stride, padding, y_shape = conv_shapes(op, x_shape, w.shape, stride, padding)
     shape_is(op, "gy", gy, y_shape)
-    return gy, w, tuple(x_shape), stride, padding
+    if y is not None:
+        shape_is(op, "y", y, gy.shape, "gy's")
+    return gy, w, tuple(x_shape), stride, padding, y
 
 
-def check_conv2d_backward_weight(gy, x, w_shape, stride, padding, bias=True):
+def check_conv2d_backward_weight(gy, x, w_shape, stride, padding, bias=True, y=None):
     op = "conv2d_backward_weight"
-    floats(op, gy=gy, x=x)
+    floats(op, gy=gy, x=x, y=y)
     stride, padding, y_shape = conv_shapes(op, x.shape, w_shape, stride, padding)
     shape_is(op, "gy", gy, y_shape)
-    return gy, x, tuple(w_shape), stride, padding, bool(bias)
+    if y is not None:
+        shape_is(op, "y", y, gy.shape, "gy's")
+    return gy, x, tuple(w_shape), stride, padding, bool(bias), y
 
 
 def check_relu_forward(x):

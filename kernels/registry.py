@@ -1,8 +1,9 @@
 """The one list of minires's kernels: for each, its name, family, argument check (defined
-beside its reference implementation in kernels/reference.py), test cases and bench rows. kernels/__init__.py builds its dispatch functions from it, kernels.cpu and
-kernels.cuda import each kernel from the family module it names, the tests and `python -m
-bench` iterate over it. docs/kernels.md says how to add a kernel. Imports numpy, kernels._common
-and kernels.reference (checks, test cases), never minires.
+beside its reference implementation in kernels/reference.py), test cases and bench rows.
+kernels/__init__.py builds its dispatch functions from it, kernels.cpu and kernels.cuda
+import each kernel from the family module it names, the tests and `python -m bench` iterate
+over it. docs/kernels.md says how to add a kernel. Imports numpy and kernels.reference
+(checks, test cases), never minires.
 
 A check `check(*args, **kwargs)` takes the public call's arguments, raises TypeError or
 ValueError naming the kernel, and returns the positional arguments the implementations take
@@ -73,9 +74,33 @@ BATCH_NORM = _sizes((2, 3, 4, 5), (6, 3), threaded=[(16, 8, 24, 24)])
 
 
 def _conv_cases(make):
+    """make(rng, dtype, x shape, w shape, stride, padding, fused) for every CONV entry; every
+    other one fused with a ReLU (relu=True forward, the ReLU output y given to backward)."""
     def cases(rng, dtype):
-        return [Case(make(rng, dtype, *c[:4]), c[4]) for c in CONV]
+        return [Case(make(rng, dtype, *c[:4], i % 2 == 1), c[4]) for i, c in enumerate(CONV)]
     return cases
+
+
+def _conv_gy_y(rng, dtype, xs, ws, s, p, fused):
+    """(gy, y or None) of a conv of x xs with w ws: y a ReLU output (zeros where masked)."""
+    shape = reference.conv_shapes("", xs, ws, s, p)[2]
+    y = reference.relu_forward(_randn(rng, shape, dtype)) if fused else None
+    return _randn(rng, shape, dtype), y
+
+
+def _conv_forward_args(rng, dtype, xs, ws, s, p, fused):
+    return (_randn(rng, xs, dtype), _randn(rng, ws, dtype), _randn(rng, ws[0], dtype), s, p,
+            fused)
+
+
+def _conv_input_args(rng, dtype, xs, ws, s, p, fused):
+    gy, y = _conv_gy_y(rng, dtype, xs, ws, s, p, fused)
+    return gy, _randn(rng, ws, dtype), xs, s, p, y
+
+
+def _conv_weight_args(rng, dtype, xs, ws, s, p, fused):
+    gy, y = _conv_gy_y(rng, dtype, xs, ws, s, p, fused)
+    return gy, _randn(rng, xs, dtype), ws, s, p, True, y
 
 
 def _pool_data(rng, shape, dtype):
@@ -289,17 +314,12 @@ def _cases(sizes, make):
 
 
 KERNELS = (
-    Kernel("conv2d_forward", "conv", check_conv2d_forward, _conv_cases(
-        lambda rng, dt, xs, ws, s, p: (_randn(rng, xs, dt), _randn(rng, ws, dt),
-                                       _randn(rng, ws[0], dt), s, p)), ("reduce",)),
-    Kernel("conv2d_backward_input", "conv", check_conv2d_backward_input, _conv_cases(
-        lambda rng, dt, xs, ws, s, p: (
-            _randn(rng, reference.conv_shapes("", xs, ws, s, p)[2], dt), _randn(rng, ws, dt), xs, s, p)),
-        ("reduce",)),
-    Kernel("conv2d_backward_weight", "conv", check_conv2d_backward_weight, _conv_cases(
-        lambda rng, dt, xs, ws, s, p: (_randn(rng, reference.conv_shapes("", xs, ws, s, p)[2], dt),
-                                       _randn(rng, xs, dt), ws, s, p, True)),
-        ("reduce", "reduce")),
+    Kernel("conv2d_forward", "conv", check_conv2d_forward, _conv_cases(_conv_forward_args),
+           ("reduce",)),
+    Kernel("conv2d_backward_input", "conv", check_conv2d_backward_input,
+           _conv_cases(_conv_input_args), ("reduce",)),
+    Kernel("conv2d_backward_weight", "conv", check_conv2d_backward_weight,
+           _conv_cases(_conv_weight_args), ("reduce", "reduce")),
     Kernel("relu_forward", "elementwise", check_relu_forward,
            _cases(ELEMENTWISE, lambda rng, s, dt: (_randn(rng, s, dt),)), ("exact",)),
     Kernel("relu_backward", "elementwise", check_relu_backward, _cases(

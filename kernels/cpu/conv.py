@@ -131,8 +131,8 @@ def _jobs(rows):
 
 
 def _out_size(x_shape, kh, kw, stride, padding):
-    """(OH, OW), after checking what the unchecked loops rely on (the dispatch checks it too;
-    the fused entry points of minires.ops reach these functions directly)."""
+    """(OH, OW), after checking what the unchecked loops rely on (the dispatch's checks
+    come first; this guards direct calls of kernels.cpu, as the tests make)."""
     (sh, sw), (ph, pw) = stride, padding
     oh = (x_shape[2] + 2 * ph - kh) // sh + 1
     ow = (x_shape[3] + 2 * pw - kw) // sw + 1

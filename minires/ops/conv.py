@@ -12,15 +12,6 @@ from minires.ops._args import check_float, pair
 from minires.tensor import Function
 
 
-def _fusing(x):
-    """The kernel module whose conv kernels fuse a ReLU (relu= forward, y= backward: kernels.cpu
-    and kernels.cuda), or None where they do not (kernels.reference, empty arrays): the ReLU
-    then runs as its own kernels, with the same result."""
-    if x.size == 0 or kernels.backend_name(x) == "reference":
-        return None
-    return kernels.backend_for(x)
-
-
 class Conv2d(Function):
     """conv2d, and with relu=True relu(conv2d) as one op: the kernels apply the ReLU as they
     write y and mask gy by y > 0 as they read it (no ReLU pass over y or gy)."""
@@ -34,33 +25,21 @@ class Conv2d(Function):
             raise ValueError(f"conv2d: expected x (N, C, H, W) and w (O, C, KH, KW) with the "
                              f"same C, got x {x.shape} and w {w.shape}")
         check_float("conv2d", *(a for a in (x, w, b) if a is not None))
-        if not self.relu:
-            self.save_for_backward(x, w)
-            return kernels.conv2d_forward(x, w, b, self.stride, self.padding)
-        fused = _fusing(x)
-        if fused is None:
-            y = kernels.relu_forward(kernels.conv2d_forward(x, w, b, self.stride, self.padding))
-        else:
-            y = fused.conv2d_forward(x, w, b, self.stride, self.padding, relu=True)
-        self.save_for_backward(x, w, y)  # the output too: the ReLU mask is y > 0
+        y = kernels.conv2d_forward(x, w, b, self.stride, self.padding, relu=self.relu)
+        # fused ReLU: the output too, its mask y > 0 is the ReLU's backward
+        self.save_for_backward(x, w, *([y] if self.relu else []))
         return y
 
     def backward(self, gy):
         x, w, *out = self.saved
         need = self.needs_input_grad
-        kern, mask = kernels, {}
-        if out:  # fused ReLU: gy counts only where y > 0
-            kern = _fusing(gy)
-            if kern is None:
-                gy, kern = kernels.relu_backward(gy, out[0]), kernels
-            else:
-                mask = {"y": out[0]}
+        y = out[0] if out else None  # fused ReLU: gy counts only where y > 0
         gx = gw = gb = None
         if need[0]:
-            gx = kern.conv2d_backward_input(gy, w, x.shape, self.stride, self.padding, **mask)
+            gx = kernels.conv2d_backward_input(gy, w, x.shape, self.stride, self.padding, y=y)
         if any(need[1:]):
-            gw, gb = kern.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding,
-                                                 len(need) > 2, **mask)
+            gw, gb = kernels.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding,
+                                                    len(need) > 2, y=y)
         return (gx, gw if need[1] else None, gb)[:len(need)]
 
 
