@@ -1,4 +1,5 @@
-"""Numerical gradient checker (PyTorch's gradcheck semantics; tolerances in tests/conftest.py) and input helpers for non-smooth ops.
+"""Numerical gradient checker (PyTorch's gradcheck semantics; tolerances in
+tests/conftest.py) and input helpers for non-smooth ops.
 
 Imports minires.tensor, minires.backend and numpy only.
 """

@@ -7,7 +7,8 @@ import pytest
 
 from minires import backend
 
-# The one tolerance table (docs/design.md, conventions). Widen an entry only with a comment saying why.
+# The one tolerance table (docs/design.md, conventions). Widen an entry only with a comment
+# saying why.
 TOL = {
     "grad_f64": dict(atol=1e-5, rtol=1e-3),   # gradcheck, eps 1e-6: PyTorch's defaults
     "fwd_f64": dict(atol=1e-12, rtol=1e-10),  # op vs reference, both float64

@@ -168,7 +168,8 @@ def test_checker_finds_known_imports():
     assert ("minires.backend", False) in found and ("minires.ops", True) in found
     assert ("minires.ops.arith", False) in {(n, z) for n, _, z in
                                             imports_of(REPO / "minires" / "ops" / "__init__.py")}
-    assert layer_of("minires.ops.conv") == "minires.ops" and layer_of("minires.kernels.cpu") == "minires.kernels"
+    assert layer_of("minires.ops.conv") == "minires.ops"
+    assert layer_of("minires.kernels.cpu") == "minires.kernels"
 
 
 def _fake_repo(root, files):

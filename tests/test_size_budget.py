@@ -1,4 +1,5 @@
-"""Size budgets (docs/design.md, conventions): code lines of minires/ and kernels/, and tensor.py's length."""
+"""Size budgets (docs/design.md, conventions): code lines of minires/ and kernels/, and
+tensor.py's length."""
 import ast
 import io
 import tokenize
