@@ -59,12 +59,6 @@ def setup(device, threads, with_torch=True):
     return xp, torch, tdev
 
 
-def blas_info():
-    """The BLAS in use and its threads, e.g. 'openblas 0.3.27 (SkylakeX, 2 threads)'."""
-    from minires import runtime
-    return runtime.blas()
-
-
 def header(device, xp, torch, tdev):
     """The facts a reader needs to compare two runs, as (key, value) pairs."""
     from minires import kernels, runtime
@@ -76,7 +70,7 @@ def header(device, xp, torch, tdev):
             ("threads", str(runtime.numba_threads() or 1)),
             ("numba threading layer", runtime.threading_layer()),
             ("openmp wait policy", runtime.wait_policy()),
-            ("BLAS", blas_info()),
+            ("BLAS", runtime.blas()),
             ("OPENBLAS_CORETYPE", os.environ.get("OPENBLAS_CORETYPE", "(unset)")),
             ("torch", "not installed" if torch is None else
              f"{torch.__version__}, {torch.get_num_threads()} threads"
