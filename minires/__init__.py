@@ -34,7 +34,8 @@ def _kernels_from_source_checkout():
 
 _kernels_from_source_checkout()
 
-from minires.tensor import Tensor, Parameter, Function, no_grad, is_grad_enabled
+from minires.tensor import Tensor, Parameter, Function, no_grad, enable_grad, is_grad_enabled
+from minires.autograd import grad
 from minires.tensor import tensor, zeros, ones, randn
 from minires import ops, nn, optim, models
 from minires.checkpoint import save, load

@@ -1,12 +1,13 @@
-"""Numerical gradient checker (PyTorch's gradcheck semantics; tolerances in
-tests/conftest.py) and input helpers for non-smooth ops.
+"""Numerical gradient checkers (PyTorch's gradcheck and gradgradcheck semantics; tolerances
+in tests/conftest.py) and input helpers for non-smooth ops.
 
-Imports minires.tensor, minires.backend and numpy only.
+Imports minires.tensor, minires.autograd, minires.ops, minires.backend and numpy.
 """
 import numpy as np
 
-from minires import backend
-from minires.tensor import Tensor, no_grad
+from minires import autograd, backend
+from minires import ops as F
+from minires.tensor import Tensor, enable_grad, no_grad
 
 _FULL_FALLBACK_MAX = 4096  # fast-mode failures at most this big are rerun in full mode
 
@@ -62,6 +63,46 @@ def gradcheck(fn, inputs, *, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-3, n
               for i in (i for i, c in enumerate(check) if c)]
     return {"max_abs": max((e[0] for e in errors), default=0.0),
             "max_rel": max((e[1] for e in errors), default=0.0)}
+
+
+def gradgradcheck(fn, inputs, *, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-3,
+                  nondet_tol=0.0, fast=False, seed=0, check=None):
+    """Check fn's second derivatives numerically, in float64 (torch.autograd.gradgradcheck).
+
+    Runs `gradcheck` on the function (inputs..., gy) -> the first derivatives of <gy, fn> with
+    respect to the checked inputs, computed by minires.grad(create_graph=True) and flattened
+    into one vector. So backward_graph of every op on the way is checked against central
+    differences of its own backward: in the errors, inputs 0..n-1 are fn's inputs and input n
+    is gy (the gradient of fn's output).
+
+    Args, Returns, Raises: as gradcheck; grad_output is gy (default standard normal from seed).
+    """
+    name = _name(fn)
+    arrays, check = _prepare(inputs, check, name)
+    with no_grad():
+        out = fn(*[_wrap(a, False) for a in arrays])
+    if not isinstance(out, Tensor):
+        raise TypeError(f"gradgradcheck({name}): fn must return a Tensor, got "
+                        f"{type(out).__name__}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    gy = _upstream(grad_output, out, rng, name)
+    checked = [i for i, c in enumerate(check) if c]
+
+    def first_derivatives(*args):
+        *xs, g = args
+        # gradcheck evaluates without grad and with constant inputs: switch both back on
+        xs = [Tensor(x.data, requires_grad=True) if i in checked and not x.requires_grad
+              else x for i, x in enumerate(xs)]
+        with enable_grad():
+            grads = autograd.grad(fn(*xs), [xs[i] for i in checked], g, create_graph=True,
+                                  allow_unused=True)
+            return F.concat([F.reshape(xs[i].data * 0 if gx is None else gx, -1)
+                             for i, gx in zip(checked, grads)])
+
+    first_derivatives.__qualname__ = f"first derivatives of {name}"
+    return gradcheck(first_derivatives, arrays + [gy], eps=eps, atol=atol, rtol=rtol,
+                     nondet_tol=nondet_tol, fast=fast, seed=seed,
+                     check=tuple(check) + (True,))
 
 
 def _name(fn):

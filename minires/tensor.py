@@ -1,6 +1,7 @@
 """The autograd core: Tensor, Parameter, Function, the backward engine and grad mode.
 
-Imports only minires.backend (plus one function-local import of minires.ops for the dunders).
+Imports only minires.backend (plus function-local imports of minires.ops for the dunders and of
+minires.autograd, the backward engine, for Tensor.backward).
 """
 import contextlib
 import contextvars
@@ -16,6 +17,16 @@ _grad_enabled = contextvars.ContextVar("minires_grad_enabled", default=True)
 def no_grad():
     """Context manager: ops run inside it record no graph (thread- and task-local)."""
     token = _grad_enabled.set(False)
+    try:
+        yield
+    finally:
+        _grad_enabled.reset(token)
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Context manager: ops record a graph again, even inside `no_grad()`."""
+    token = _grad_enabled.set(True)
     try:
         yield
     finally:
@@ -131,40 +142,15 @@ class Tensor:
         """Accumulate d(self)/d(leaf) * gy into every leaf's `.grad` (reverse mode).
 
         gy defaults to ones for a one-element tensor. The graph is freed afterwards unless
-        `retain_graph=True`; backward through a freed graph raises RuntimeError.
+        `retain_graph=True`; backward through a freed graph raises RuntimeError. Gradients are
+        raw arrays: for gradients you can differentiate again use `minires.grad(...,
+        create_graph=True)`.
         """
         if not self.requires_grad:
             raise RuntimeError("backward: tensor does not require grad and has no graph")
-        gy = self._initial_grad(gy)
-        grads = {id(self): gy}  # pending gradients of non-processed tensors, keyed by identity
-        order = list(graph_order(self))  # inputs first: popping from the end starts at self
-        while order:
-            t = order.pop()  # popping drops our reference, so processed tensors can be freed
-            g = grads.pop(id(t), None)
-            if g is None:  # a constant, or a tensor no gradient reached
-                continue
-            for hook in t._hooks:
-                replaced = hook(g)
-                g = g if replaced is None else replaced
-            if t.creator is None:
-                _accumulate_leaf(t, g)
-            else:
-                _backward_one(t.creator, g, grads, retain_graph)
-
-    def _initial_grad(self, gy):
-        xp = backend.array_module(self.data)
-        if gy is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward: gradient can be implied only for a one-element "
-                                   f"output, got shape {self.shape}; pass gy")
-            return xp.ones_like(self.data)
-        gy = _as_array(gy, self.dtype)
-        if backend.device_of(gy) != self.device:
-            raise ValueError(f"backward: gy is on {backend.device_of(gy)}, "
-                             f"tensor on {self.device}")
-        if gy.shape != self.shape:
-            raise ValueError(f"backward: gy shape {gy.shape} != tensor shape {self.shape}")
-        return gy
+        from minires import autograd  # the engine lives there (it imports this module)
+        autograd.run_backward([self], [autograd.initial_grad(self, gy, "backward")],
+                              retain_graph)
 
     # --- operators (each calls the functional op) -----------------------------------------
     def _op(name):
@@ -189,6 +175,7 @@ class Tensor:
     sum, mean, max = _op("sum"), _op("mean"), _op("max")
     reshape, flatten = _op("reshape"), _op("flatten")
     relu, exp, log = _op("relu"), _op("exp"), _op("log")
+    min, astype = _op("min"), _op("astype")
     del _op, _reflected
 
     def transpose(self, *axes):
@@ -212,7 +199,8 @@ class Parameter(Tensor):
 class Function:
     """One differentiable op. Subclasses implement forward/backward on raw arrays.
 
-    `forward(*arrays) -> array` and `backward(gy) -> one gradient (or None) per input`.
+    `forward(*arrays) -> array` and `backward(gy) -> one gradient (or None) per input`;
+    `backward_graph(gy)`, the same on Tensors, for higher-order gradients (minires.grad).
     `self.xp` is the array module; `self.needs_input_grad[i]` says if input i needs a gradient.
     State for backward is saved with `save_for_backward(*arrays)` and read from `self.saved`.
     A Function holds its inputs, never its output, so graphs have no reference cycles.
@@ -247,6 +235,13 @@ class Function:
     def backward(self, gy):
         raise NotImplementedError
 
+    def backward_graph(self, gy):
+        """The backward pass as a graph, for create_graph=True: gy is a Tensor; returns one
+        Tensor (or None) per input, computed with minires ops from `self.inputs` (Tensors) and
+        constants (masks, indices) from `self.saved`, so it can be differentiated again."""
+        raise NotImplementedError(f"{type(self).__name__} does not support create_graph=True "
+                                  f"(no backward_graph): its gradient cannot be differentiated")
+
     def release(self):
         """Drop saved arrays and input links (after backward, unless retain_graph)."""
         self.saved, self.inputs, self.freed = (), (), True
@@ -275,62 +270,6 @@ def _as_tensors(inputs, op_name):
         raise ValueError(f"{op_name}: inputs are on different devices ({detail}); "
                          f"move them to one device with .to()")
     return tensors
-
-
-_FREED = ("backward: the graph through {op} was already freed by an earlier backward; pass "
-          "retain_graph=True to the first backward to keep it")
-
-
-def graph_order(root, freed_message=_FREED):
-    """Yield every Tensor of the graph that made `root` (leaves and constants too), each after
-    its creator's inputs, `root` last. Iterative post-order DFS over inputs in input order: the
-    same order on every run, no recursion limit. Shared by backward and minires.viz; a Function
-    freed by backward raises RuntimeError(freed_message.format(op=its class name))."""
-    visited, stack = set(), [(root, False)]
-    while stack:
-        t, expanded = stack.pop()
-        if expanded:
-            yield t
-            continue
-        if id(t) in visited:
-            continue
-        visited.add(id(t))
-        stack.append((t, True))
-        f = t.creator
-        if f is not None:
-            if f.freed:
-                raise RuntimeError(freed_message.format(op=type(f).__name__))
-            stack.extend((x, False) for x in reversed(f.inputs) if id(x) not in visited)
-
-
-def _accumulate_leaf(t, g):
-    if t.grad is None:
-        t.grad = g.copy()  # copy: g may alias another tensor's gradient or the caller's array
-    else:
-        t.grad += g
-
-
-def _backward_one(f, gy, grads, retain_graph):
-    """Run f.backward(gy), check each gradient, add it to the pending gradient of its input."""
-    name = type(f).__name__
-    with no_grad():
-        gxs = f.backward(gy) if _observer is None else _observer.backward(f, gy)
-    gxs = gxs if isinstance(gxs, tuple) else (gxs,)
-    if len(gxs) != len(f.inputs):
-        raise RuntimeError(f"{name}.backward returned {len(gxs)} gradients for "
-                           f"{len(f.inputs)} inputs")
-    for i, (x, gx) in enumerate(zip(f.inputs, gxs)):
-        if gx is None or not x.requires_grad:
-            continue
-        if gx.shape != x.shape:
-            raise RuntimeError(f"{name}.backward: gradient for input {i} has shape {gx.shape}, "
-                               f"expected {x.shape}")
-        if gx.dtype != x.dtype:
-            gx = gx.astype(x.dtype)
-        pending = grads.get(id(x))
-        grads[id(x)] = gx if pending is None else pending + gx
-    if not retain_graph:
-        f.release()
 
 
 # --- constructors --------------------------------------------------------------------------

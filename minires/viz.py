@@ -1,6 +1,6 @@
 """Look inside an autograd graph: Graphviz DOT text, a rendered picture, a terminal summary.
 
-Imports minires.tensor and minires.backend only (modules and parameters are read duck-typed).
+Imports minires.tensor, minires.autograd (graph_order) and minires.backend only (modules and parameters are read duck-typed).
 """
 import contextlib
 import inspect
@@ -11,7 +11,8 @@ import warnings
 import weakref
 
 from minires import backend
-from minires.tensor import Parameter, Tensor, graph_order
+from minires.autograd import graph_order
+from minires.tensor import Parameter, Tensor
 
 _FUNCTION_STYLE = 'shape=box, style="rounded,filled", fillcolor="#dddddd"'
 _TENSOR_STYLE = 'shape=box, style=filled, fillcolor="#ffffff"'
@@ -28,7 +29,7 @@ _FREED = ("viz: the graph through {op} was freed by backward; draw before backwa
 def walk(root):
     """(functions, tensors, output) of the graph that produced `root`, in execution order.
 
-    tensors: every Tensor (leaves included) in minires.tensor.graph_order, root last.
+    tensors: every Tensor (leaves included) in minires.autograd.graph_order, root last.
     functions: their creators in the same order, each after the Functions that produced its
     inputs. output: {id(function): the Tensor it produced}.
     """

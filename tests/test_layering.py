@@ -13,21 +13,24 @@ FOLDERS = {"minires.kernels": "kernels", "minires": "minires"}  # package -> fol
 # A rule for "a.b" covers a.b and a.b.*; the longest matching key wins. Every module may also
 # import its own package (the same key's subtree) and itself. Modules that do not exist yet are
 # simply skipped. Extend this table when a module is added (e.g. a new minires.foo).
-BELOW_TRAIN = ("minires.backend", "minires.tensor", "minires.ops", "minires.gradcheck",
+BELOW_TRAIN = ("minires.backend", "minires.tensor", "minires.autograd", "minires.ops",
+               "minires.gradcheck",
                "minires.nn", "minires.models", "minires.optim", "minires.data",
                "minires.checkpoint", "minires.viz", "minires.profile", "minires.anomaly")
 LAYERS = {
     "minires.kernels": (),
     "minires.backend": (),
     "minires.tensor": ("minires.backend",),
+    "minires.autograd": ("minires.tensor", "minires.backend"),  # the backward engine, grad()
     "minires.ops": ("minires.tensor", "minires.backend", "minires.kernels"),
-    "minires.gradcheck": ("minires.tensor", "minires.backend"),
+    "minires.gradcheck": ("minires.tensor", "minires.autograd", "minires.ops",
+                          "minires.backend"),
     "minires.nn": ("minires.ops", "minires.tensor", "minires.backend"),
     "minires.models": ("minires.nn", "minires.ops", "minires.tensor", "minires.backend"),
     "minires.optim": ("minires.tensor", "minires.backend", "minires.kernels"),  # sgd_update
     "minires.data": ("minires.backend",),
     "minires.checkpoint": ("minires.tensor", "minires.backend"),
-    "minires.viz": ("minires.tensor", "minires.backend"),  # graphs read duck-typed
+    "minires.viz": ("minires.tensor", "minires.autograd", "minires.backend"),  # graphs read duck-typed
     "minires.profile": ("minires.ops", "minires.tensor", "minires.backend"),  # observer hook
     "minires.anomaly": ("minires.tensor", "minires.backend"),  # observer hook: NaN/inf finder
     "minires.runtime": ("minires.backend",),  # threads, wait policy, BLAS, CPU, GPU facts
@@ -43,7 +46,8 @@ LAYERS = {
 FACADES = {"minires"}  # keys that cover only their own __init__.py, not the package subtree
 # Extra internal imports allowed only inside a function body (documented upward imports).
 LAZY = {
-    "minires.tensor": ("minires.ops",),  # the operator dunders call the functional ops
+    # the operator dunders call the functional ops; Tensor.backward runs the engine
+    "minires.tensor": ("minires.ops", "minires.autograd"),
 }
 # Third-party modules only some files may import (module name or prefix -> allowed files).
 RESTRICTED = {

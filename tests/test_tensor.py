@@ -11,7 +11,8 @@ import pytest
 
 import minires as mr
 import minires.ops as F
-from minires.tensor import Function, graph_order
+from minires.autograd import graph_order
+from minires.tensor import Function
 
 from conftest import tol
 

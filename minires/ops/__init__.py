@@ -4,12 +4,13 @@ Each op is a Function subclass (CamelCase, in its submodule) plus the snake_case
 below it; only the functions are public. Imports tensor, backend and (the only importer)
 kernels.
 """
-from minires.ops.arith import add, sub, mul, div, neg, pow, exp, log, to_device
-from minires.ops.reduce import sum, mean, max
-from minires.ops.shape import reshape, transpose, flatten, broadcast_to, getitem, concat
+from minires.ops.arith import add, sub, mul, div, neg, pow, exp, log, to_device, astype
+from minires.ops.reduce import sum, mean, max, min
+from minires.ops.shape import (reshape, transpose, flatten, broadcast_to, sum_to, getitem,
+                               concat)
 from minires.ops.linalg import matmul, linear
-from minires.ops.activation import (relu, sigmoid, tanh, log_softmax, softmax, cross_entropy,
-                                    dropout)
+from minires.ops.activation import (relu, leaky_relu, sigmoid, tanh, log_softmax, softmax,
+                                    cross_entropy, mse_loss, dropout)
 from minires.ops.conv import conv2d
 from minires.ops.pool import max_pool2d, avg_pool2d, global_avg_pool2d
 from minires.ops.norm import batch_norm
@@ -32,10 +33,11 @@ def warm_up_kernels(xp, dtype):
 
 
 __all__ = [
-    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "to_device",
-    "sum", "mean", "max",
-    "reshape", "transpose", "flatten", "broadcast_to", "getitem", "concat",
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "to_device", "astype",
+    "sum", "mean", "max", "min",
+    "reshape", "transpose", "flatten", "broadcast_to", "sum_to", "getitem", "concat",
     "matmul", "linear",
-    "relu", "sigmoid", "tanh", "log_softmax", "softmax", "cross_entropy", "dropout",
+    "relu", "leaky_relu", "sigmoid", "tanh", "log_softmax", "softmax", "cross_entropy",
+    "mse_loss", "dropout",
     "conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "batch_norm", "residual_add",
 ]

@@ -1,13 +1,15 @@
-"""Activations and losses: relu (Numba kernel), sigmoid, tanh, softmax, log_softmax,
-cross_entropy (fused log-softmax + NLL) and dropout.
+"""Activations and losses: relu (Numba kernel), leaky_relu, sigmoid, tanh, softmax,
+log_softmax, cross_entropy (fused log-softmax + NLL), mse_loss and dropout.
 
-Imports minires.tensor, minires.backend, minires.ops._args (dtype check) and kernels.
+Imports minires.tensor, minires.backend, minires.ops._args (dtype check), the arith, reduce
+and shape ops (backward_graph, mse_loss) and kernels.
 """
 import numpy as np
 
 from minires import kernels
 from minires import backend
 from minires.ops._args import check_float, raw
+from minires.ops.reduce import mean as mean_, sum as sum_
 from minires.tensor import Function, Tensor
 
 
@@ -23,10 +25,39 @@ class ReLU(Function):
     def backward(self, gy):
         return kernels.relu_backward(gy, self.saved[0])
 
+    def backward_graph(self, gy):
+        y = self.saved[0]
+        return gy * (y > 0).astype(y.dtype)  # the mask is piecewise constant: a constant
+
 
 def relu(x):
     """max(x, 0), elementwise (Numba kernel on the CPU, numba.cuda on the GPU)."""
     return ReLU()(x)
+
+
+class LeakyReLU(Function):
+    def __init__(self, negative_slope):
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        check_float("leaky_relu", x)
+        slope = self.xp.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        self.save_for_backward(slope)
+        return x * slope
+
+    def backward(self, gy):
+        return gy * self.saved[0]
+
+    def backward_graph(self, gy):
+        return gy * self.saved[0]
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """x where x > 0, else negative_slope * x (elementwise), as torch's leaky_relu."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"leaky_relu: negative_slope must be a number, got "
+                        f"{type(negative_slope).__name__}")
+    return LeakyReLU(float(negative_slope))(x)
 
 
 class Sigmoid(Function):
@@ -39,6 +70,10 @@ class Sigmoid(Function):
 
     def backward(self, gy):
         y = self.saved[0]
+        return gy * y * (1 - y)
+
+    def backward_graph(self, gy):
+        y = sigmoid(self.inputs[0])  # recomputed: a Function never holds its output Tensor
         return gy * y * (1 - y)
 
 
@@ -56,6 +91,10 @@ class Tanh(Function):
 
     def backward(self, gy):
         y = self.saved[0]
+        return gy * (1 - y * y)
+
+    def backward_graph(self, gy):
+        y = tanh(self.inputs[0])
         return gy * (1 - y * y)
 
 
@@ -83,6 +122,10 @@ class LogSoftmax(Function):
         y = self.saved[0]
         return gy - self.xp.exp(y) * gy.sum(axis=self.axis, keepdims=True)
 
+    def backward_graph(self, gy):
+        p = softmax(self.inputs[0], self.axis)
+        return gy - p * sum_(gy, axis=self.axis, keepdims=True)
+
 
 def log_softmax(x, axis=-1):
     """log(softmax(x)) along `axis`, computed stably."""
@@ -102,6 +145,10 @@ class Softmax(Function):
     def backward(self, gy):
         y = self.saved[0]
         return y * (gy - (gy * y).sum(axis=self.axis, keepdims=True))
+
+    def backward_graph(self, gy):
+        y = softmax(self.inputs[0], self.axis)
+        return y * (gy - sum_(gy * y, axis=self.axis, keepdims=True))
 
 
 def softmax(x, axis=-1):
@@ -146,6 +193,12 @@ class CrossEntropy(Function):
         g[self.xp.arange(n), labels] -= 1
         return g * (gy / max(n, 1))
 
+    def backward_graph(self, gy):
+        logp, labels = self.saved
+        onehot = self.xp.zeros_like(logp)
+        onehot[self.xp.arange(logp.shape[0]), labels] = 1
+        return (softmax(self.inputs[0], 1) - onehot) * (gy / max(logp.shape[0], 1))
+
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy of logits (N, K) against integer labels (N,): a scalar tensor."""
@@ -166,6 +219,9 @@ class Dropout(Function):
     def backward(self, gy):
         return gy * self.saved[0]
 
+    def backward_graph(self, gy):
+        return gy * self.saved[0]
+
 
 def dropout(x, p=0.5, training=True, rng=None):
     """Zero each element with probability p and scale the rest by 1/(1-p) when training.
@@ -181,3 +237,21 @@ def dropout(x, p=0.5, training=True, rng=None):
     rng = np.random.default_rng(rng)
     keep = (rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
     return Dropout(backend.to_device(keep, x.device))(x)
+
+
+def mse_loss(input, target, reduction="mean"):
+    """Squared error (input - target) ** 2 of two tensors of one shape, as torch's mse_loss:
+    averaged (reduction="mean"), summed ("sum") or elementwise ("none"). Built from the
+    arith and reduce ops, so it is differentiable to any order in both arguments."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got "
+                         f"{reduction!r}")
+    a, b = raw(input), raw(target)
+    if getattr(a, "shape", None) != getattr(b, "shape", None):
+        raise ValueError(f"mse_loss: input shape {getattr(a, 'shape', None)} != target shape "
+                         f"{getattr(b, 'shape', None)} (no broadcasting, as in PyTorch)")
+    check_float("mse_loss", a, b)
+    diff = (input if isinstance(input, Tensor) else Tensor(input)) - target
+    squared = diff * diff
+    return {"mean": mean_, "sum": sum_}[reduction](squared) if reduction != "none" \
+        else squared

@@ -1,10 +1,15 @@
-"""Broadcasting arithmetic: add sub mul div neg pow exp log, and the device copy.
+"""Broadcasting arithmetic: add sub mul div neg pow exp log, the dtype cast and the device
+copy.
 
-Imports minires.tensor, minires.backend and minires.ops._args. Gradients of broadcast inputs
-are summed back to the input's shape by `unbroadcast`.
+Imports minires.tensor, minires.backend, minires.ops._args and minires.ops.shape (sum_to).
+Gradients of broadcast inputs are summed back to the input's shape by `unbroadcast` (arrays)
+or `sum_to` (the same as an op, in backward_graph).
 """
+import numpy as np
+
 from minires import backend
 from minires.ops._args import check_float, unbroadcast
+from minires.ops.shape import sum_to
 from minires.tensor import Function
 
 
@@ -29,6 +34,12 @@ class _Binary(Function):
         return (unbroadcast(ga, sa) if need_a else None,
                 unbroadcast(gb, sb) if need_b else None)
 
+    def reduce_graph(self, ga, gb):
+        """reduce for Tensors (backward_graph): ga and gb are thunks, called only if needed."""
+        sa, sb = self.shapes
+        need_a, need_b = self.needs_input_grad
+        return (sum_to(ga(), sa) if need_a else None, sum_to(gb(), sb) if need_b else None)
+
 
 class Add(_Binary):
     def compute(self, a, b):
@@ -36,6 +47,9 @@ class Add(_Binary):
 
     def backward(self, gy):
         return self.reduce(gy, gy)
+
+    def backward_graph(self, gy):
+        return self.reduce_graph(lambda: gy, lambda: gy)
 
 
 def add(a, b):
@@ -49,6 +63,9 @@ class Sub(_Binary):
 
     def backward(self, gy):
         return self.reduce(gy, -gy)
+
+    def backward_graph(self, gy):
+        return self.reduce_graph(lambda: gy, lambda: -gy)
 
 
 def sub(a, b):
@@ -66,6 +83,10 @@ class Mul(_Binary):
         return self.reduce(gy * b if self.needs_input_grad[0] else None,
                            gy * a if self.needs_input_grad[1] else None)
 
+    def backward_graph(self, gy):
+        a, b = self.inputs
+        return self.reduce_graph(lambda: gy * b, lambda: gy * a)
+
 
 def mul(a, b):
     """a * b (elementwise) with NumPy broadcasting."""
@@ -81,6 +102,10 @@ class Div(_Binary):
         a, b = self.saved
         ga = gy / b
         return self.reduce(ga, -ga * a / b if self.needs_input_grad[1] else None)
+
+    def backward_graph(self, gy):
+        a, b = self.inputs
+        return self.reduce_graph(lambda: gy / b, lambda: -gy * a / (b * b))
 
 
 def div(a, b):
@@ -105,6 +130,15 @@ class Pow(_Binary):
             gb = gy * y * xp.log(safe)
         return self.reduce(ga, gb)
 
+    def backward_graph(self, gy):
+        a, b = self.inputs
+        positive = (a.data > 0).astype(a.dtype)  # a constant mask: d(log a) is 0 where a <= 0
+        safe = a * positive + (1 - positive)
+
+        def gb():
+            return gy * a ** b * log(safe)
+        return self.reduce_graph(lambda: gy * b * a ** (b - 1), gb)
+
 
 def pow(a, b):
     """a ** b with NumPy broadcasting; differentiable in both (d/db needs a > 0)."""
@@ -116,6 +150,9 @@ class Neg(Function):
         return -x
 
     def backward(self, gy):
+        return -gy
+
+    def backward_graph(self, gy):
         return -gy
 
 
@@ -134,6 +171,9 @@ class Exp(Function):
     def backward(self, gy):
         return gy * self.saved[0]
 
+    def backward_graph(self, gy):
+        return gy * exp(self.inputs[0])
+
 
 def exp(x):
     """e ** x, elementwise."""
@@ -148,6 +188,9 @@ class Log(Function):
 
     def backward(self, gy):
         return gy / self.saved[0]
+
+    def backward_graph(self, gy):
+        return gy / self.inputs[0]
 
 
 def log(x):
@@ -166,7 +209,31 @@ class ToDevice(Function):
     def backward(self, gy):
         return backend.to_device(gy, self.source)
 
+    def backward_graph(self, gy):
+        return to_device(gy, self.source)
+
 
 def to_device(x, device):
     """Copy x to `device` ('cpu' | 'cuda'); the gradient is copied back."""
     return ToDevice(backend.check_device(device))(x)
+
+
+class AsType(Function):
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def forward(self, x):
+        self.source = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.source)
+
+    def backward_graph(self, gy):
+        return astype(gy, self.source)
+
+
+def astype(x, dtype):
+    """x converted to `dtype` (a copy); between floating dtypes the gradient is converted
+    back."""
+    return AsType(np.dtype(dtype))(x)

@@ -1,9 +1,19 @@
 """Matrix products: matmul (NumPy semantics, batched and broadcast) and linear.
 
-Imports minires.tensor and minires.ops._args (for unbroadcast).
+Imports minires.tensor, minires.ops._args (for unbroadcast), minires.ops.shape and
+minires.ops.reduce (backward_graph).
 """
 from minires.ops._args import unbroadcast
+from minires.ops.reduce import sum as sum_
+from minires.ops.shape import reshape, sum_to, transpose
 from minires.tensor import Function
+
+
+def _swap_last(t):
+    """t with its last two axes swapped (a Tensor op)."""
+    axes = list(range(t.ndim))
+    axes[-2:] = axes[-1], axes[-2]
+    return transpose(t, axes)
 
 
 class MatMul(Function):
@@ -33,6 +43,19 @@ class MatMul(Function):
             gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ gy2, b2.shape).reshape(b.shape)
         return ga, gb
 
+    def backward_graph(self, gy):
+        a, b = self.inputs
+        a2 = reshape(a, (1,) + a.shape) if a.ndim == 1 else a
+        b2 = reshape(b, b.shape + (1,)) if b.ndim == 1 else b
+        gy2 = reshape(gy, gy.shape + (1,)) if b.ndim == 1 else gy
+        gy2 = reshape(gy2, gy2.shape[:-1] + (1,) + gy2.shape[-1:]) if a.ndim == 1 else gy2
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = reshape(sum_to(gy2 @ _swap_last(b2), a2.shape), a.shape)
+        if self.needs_input_grad[1]:
+            gb = reshape(sum_to(_swap_last(a2) @ gy2, b2.shape), b.shape)
+        return ga, gb
+
 
 def matmul(a, b):
     """Matrix product with NumPy semantics (1-D promotion, batched broadcast)."""
@@ -57,6 +80,15 @@ class Linear(Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gw = gy2.T @ x.reshape(-1, x.shape[-1]) if need[1] else None
         gb = gy2.sum(axis=0) if len(need) > 2 and need[2] else None
+        return (gx, gw, gb)[:len(need)]
+
+    def backward_graph(self, gy):
+        x, w = self.inputs[:2]
+        need = self.needs_input_grad
+        gy2 = reshape(gy, (-1, gy.shape[-1]))
+        gx = gy @ w if need[0] else None
+        gw = transpose(gy2) @ reshape(x, (-1, x.shape[-1])) if need[1] else None
+        gb = sum_(gy2, axis=0) if len(need) > 2 and need[2] else None
         return (gx, gw, gb)[:len(need)]
 
 

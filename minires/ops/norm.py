@@ -1,10 +1,13 @@
 """Batch normalisation over (N, C) or (N, C, H, W) inputs, per channel C, optionally fused
 with the ReLU that follows it (one op, one kernel pass each way).
 
-Imports minires.tensor, minires.ops._args (argument checks) and kernels.
+Imports minires.tensor, minires.ops._args (argument checks), the reduce and shape ops
+(backward_graph) and kernels.
 """
 from minires import kernels
 from minires.ops._args import check_float, raw
+from minires.ops.reduce import mean as mean_, sum as sum_
+from minires.ops.shape import reshape
 from minires.tensor import Function
 
 
@@ -37,6 +40,31 @@ class BatchNorm2d(Function):
 
     def backward(self, gy):
         return kernels.batch_norm_backward(gy, *self.saved, self.training, self.relu)
+
+    def backward_graph(self, gy):
+        """The formulas of kernels.reference.batch_norm_backward, as ops. In training the
+        statistics are recomputed as ops of x (the gradient depends on x through them); in
+        eval they are constants."""
+        x, gamma, beta = self.inputs
+        mean, inv_std = self.saved[3:]
+        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        bshape = (1, -1) + (1,) * (x.ndim - 2)
+        if self.training:
+            centered = x - mean_(x, axes, keepdims=True)
+            inv = (mean_(centered * centered, axes, keepdims=True) + self.eps) ** -0.5
+            x_hat = centered * inv
+        else:
+            inv = inv_std.reshape(bshape)
+            x_hat = (x - mean.reshape(bshape)) * inv
+        if self.relu:  # the ReLU's mask, piecewise constant: a constant of this graph
+            y = x_hat.data * gamma.data.reshape(bshape) + beta.data.reshape(bshape)
+            gy = gy * (y > 0).astype(y.dtype)
+        scale = reshape(gamma, bshape) * inv
+        ggamma, gbeta = sum_(gy * x_hat, axes), sum_(gy, axes)
+        if not self.training:
+            return gy * scale, ggamma, gbeta
+        return (scale * (gy - mean_(gy, axes, keepdims=True)
+                         - x_hat * mean_(gy * x_hat, axes, keepdims=True)), ggamma, gbeta)
 
 
 def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training=True,

@@ -1,10 +1,13 @@
 """The fused residual add: y = act(x + alpha * fx) in one kernel pass, forward and backward
 (without alpha the backward is gy itself, or one ReLU-mask pass, shared by both inputs).
 
-Imports minires.tensor, minires.ops._args (dtype check) and kernels.
+Imports minires.tensor, minires.ops._args (dtype check), the reduce and shape ops
+(backward_graph) and kernels.
 """
 from minires import kernels
 from minires.ops._args import check_float
+from minires.ops.reduce import sum as sum_
+from minires.ops.shape import reshape
 from minires.tensor import Function
 
 
@@ -40,6 +43,15 @@ class ResidualAdd(Function):
             g = kernels.relu_backward(gy, y) if self.relu else gy
             return g, g * alpha.reshape(()), None
         return kernels.residual_add_backward(gy, y, fx, alpha, self.relu)[:len(self.inputs)]
+
+    def backward_graph(self, gy):
+        y = self.saved[0]
+        g = gy * (y > 0).astype(y.dtype) if self.relu else gy  # the mask is a constant
+        if len(self.inputs) == 2:
+            return g, g
+        _, fx, alpha = self.inputs
+        galpha = reshape(sum_(g * fx), alpha.shape) if self.needs_input_grad[2] else None
+        return g, g * reshape(alpha, ()), galpha
 
 
 def residual_add(x, fx, alpha=None, relu=False):

@@ -1,4 +1,6 @@
-"""Shape ops: reshape, transpose, flatten, broadcast_to, getitem (basic indexing), concat.
+"""Shape ops: reshape, transpose, flatten, broadcast_to, sum_to, getitem (basic indexing),
+concat. Each backward_graph is another shape op (broadcast_to <-> sum_to, getitem <-> its
+scatter), so gradients of any order stay in this module.
 
 Imports minires.tensor and minires.ops._args (for unbroadcast).
 """
@@ -23,6 +25,9 @@ class Reshape(Function):
 
     def backward(self, gy):
         return gy.reshape(self.in_shape)
+
+    def backward_graph(self, gy):
+        return reshape(gy, self.in_shape)
 
 
 def reshape(x, *shape):
@@ -50,11 +55,17 @@ class Transpose(Function):
         self.axes = tuple(a % x.ndim for a in axes)
         return x.transpose(self.axes)
 
-    def backward(self, gy):
+    def _inverse(self):
         inverse = [0] * len(self.axes)
         for i, a in enumerate(self.axes):
             inverse[a] = i
-        return gy.transpose(inverse)
+        return inverse
+
+    def backward(self, gy):
+        return gy.transpose(self._inverse())
+
+    def backward_graph(self, gy):
+        return transpose(gy, self._inverse())
 
 
 def transpose(x, axes=None):
@@ -77,10 +88,40 @@ class BroadcastTo(Function):
     def backward(self, gy):
         return unbroadcast(gy, self.in_shape)
 
+    def backward_graph(self, gy):
+        return sum_to(gy, self.in_shape)
+
 
 def broadcast_to(x, shape):
     """Broadcast x to `shape` (NumPy rules); the gradient is summed back."""
     return BroadcastTo(shape)(x)
+
+
+class SumTo(Function):
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        try:
+            self.xp.broadcast_to(self.xp.empty(self.shape, x.dtype), x.shape)
+        except ValueError:
+            raise ValueError(f"sum_to: shape {self.shape} does not broadcast to the input's "
+                             f"shape {x.shape}") from None
+        return unbroadcast(x, self.shape)
+
+    def backward(self, gy):
+        return self.xp.ascontiguousarray(self.xp.broadcast_to(gy, self.in_shape))
+
+    def backward_graph(self, gy):
+        return broadcast_to(gy, self.in_shape)
+
+
+def sum_to(x, shape):
+    """Sum x over the axes that broadcasting `shape` to x.shape would add or stretch, so the
+    result has `shape`: the adjoint of broadcast_to (and the gradient of a broadcast input)."""
+    shape = tuple(shape)
+    return x if tuple(getattr(x, "shape", ())) == shape else SumTo(shape)(x)
 
 
 def _check_basic_key(key):
@@ -105,14 +146,38 @@ class GetItem(Function):
             raise IndexError(f"getitem: {e} (key {self.key!r}, shape {x.shape})") from None
 
     def backward(self, gy):
-        gx = self.xp.zeros(self.in_shape, dtype=gy.dtype)
-        gx[self.key] = gy  # basic indexing never repeats an element: assignment suffices
-        return gx
+        return _scatter(self.xp, gy, self.key, self.in_shape)
+
+    def backward_graph(self, gy):
+        return SetItem(self.key, self.in_shape)(gy)
 
 
 def getitem(x, key):
     """x[key] with basic indexing (ints, slices, None, Ellipsis)."""
     return GetItem(key)(x)
+
+
+def _scatter(xp, g, key, shape):
+    gx = xp.zeros(shape, dtype=g.dtype)
+    gx[key] = g  # basic indexing never repeats an element: assignment suffices
+    return gx
+
+
+class SetItem(Function):
+    """zeros(shape) with g written at [key]: getitem's gradient as an op (its own gradient is
+    getitem again), for create_graph."""
+
+    def __init__(self, key, shape):
+        self.key, self.shape = key, shape
+
+    def forward(self, g):
+        return _scatter(self.xp, g, self.key, self.shape)
+
+    def backward(self, gy):
+        return gy[self.key]
+
+    def backward_graph(self, gy):
+        return getitem(gy, self.key)
 
 
 class Concat(Function):
@@ -135,6 +200,12 @@ class Concat(Function):
         bounds = list(itertools.accumulate(self.sizes[:-1]))  # on the host: no device copy
         parts = self.xp.split(gy, bounds, axis=self.axis)
         return tuple(p if need else None for p, need in zip(parts, self.needs_input_grad))
+
+    def backward_graph(self, gy):
+        lead = (slice(None),) * (self.axis % gy.ndim)
+        starts = [0] + list(itertools.accumulate(self.sizes))
+        return tuple(getitem(gy, lead + (slice(a, b),)) if need else None
+                     for a, b, need in zip(starts, starts[1:], self.needs_input_grad))
 
 
 def concat(tensors, axis=0):
