@@ -75,7 +75,7 @@ def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=Fal
     for r, g in zip(roots, root_grads):
         _add_pending(grads, r, g)
     order = list(graph_order(roots))  # inputs first: popping from the end starts at a root
-    needed = None if targets is None else _leading_to(order, targets)
+    needed = None if targets is None else _through_to(order, targets)
     found = {}
     while order:
         t = order.pop()  # popping drops our reference, so processed tensors can be freed
@@ -93,13 +93,15 @@ def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=Fal
     return found
 
 
-def _leading_to(order, targets):
-    """Ids of the tensors in `order` (inputs first) from which some target can be reached."""
-    needed = set(targets)
+def _through_to(order, targets):
+    """Ids of the tensors in `order` (inputs first) whose creator's backward must run for a
+    gradient to reach some target: those with an input that is a target or leads to one."""
+    leads, runs = set(targets), set()
     for t in order:
-        if t.creator is not None and any(id(x) in needed for x in t.creator.inputs):
-            needed.add(id(t))
-    return needed
+        if t.creator is not None and any(id(x) in leads for x in t.creator.inputs):
+            leads.add(id(t))
+            runs.add(id(t))
+    return runs
 
 
 def _run_hooks(t, g, create_graph):

@@ -1,4 +1,5 @@
-"""The cases `minires gradcheck` runs: every op and layer on tiny float64 inputs.
+"""The cases `minires gradcheck` runs: every op and layer on tiny float64 inputs, checked to
+the first (gradcheck) and second (gradgradcheck) order.
 
 Imports minires.ops, nn, models, gradcheck and backend (the train/cli layer).
 """
@@ -8,7 +9,8 @@ import numpy as np
 
 import minires.ops as F
 from minires import backend, models, nn
-from minires.gradcheck import GradcheckError, away_from_kinks, distinct, gradcheck
+from minires.gradcheck import (GradcheckError, away_from_kinks, distinct, gradcheck,
+                               gradgradcheck)
 
 F64 = np.float64
 
@@ -31,6 +33,8 @@ def _op_cases(r):
         ("sum", lambda x: F.sum(x, axis=1), [a]),
         ("mean", lambda x: F.mean(x, axis=0, keepdims=True), [a]),
         ("max", lambda x: F.max(x, axis=1), [distinct(a)]),
+        ("min", lambda x: F.min(x, axis=0), [distinct(a)]),
+        ("clip", lambda x: F.clip(x, -0.5, 0.5), [_off(a, (-0.5, 0.5))]),
         ("reshape", lambda x: F.reshape(x, 4, 3), [a]),
         ("transpose", F.transpose, [img]),
         ("flatten", F.flatten, [img]),
@@ -40,11 +44,13 @@ def _op_cases(r):
         ("matmul", F.matmul, [a, b.T]),
         ("linear", F.linear, [a, r.standard_normal((5, 4)), r.standard_normal(5)]),
         ("relu", F.relu, [away_from_kinks(img)]),
+        ("leaky_relu", lambda x: F.leaky_relu(x, 0.1), [away_from_kinks(img)]),
         ("sigmoid", F.sigmoid, [a]),
         ("tanh", F.tanh, [a]),
         ("log_softmax", F.log_softmax, [a]),
         ("softmax", lambda x: F.softmax(x, axis=0), [a]),
         ("cross_entropy", lambda x: F.cross_entropy(x, np.array([0, 3, 1])), [a]),
+        ("mse_loss", F.mse_loss, [a, b]),
         ("dropout", lambda x: F.dropout(x, 0.5, rng=0), [a]),  # same mask on every call
         ("conv2d", lambda x, w, b: F.conv2d(x, w, b, 1, 1), [img, w, r.standard_normal(4)]),
         ("conv2d stride 2", lambda x, w: F.conv2d(x, w, None, 2, 0), [img, w]),
@@ -56,6 +62,13 @@ def _op_cases(r):
         ("residual_add alpha relu", lambda x, fx, al: F.residual_add(x, fx, al, relu=True),
          [big, r.uniform(-0.5, 0.5, img.shape), np.array(0.5)]),
     ]
+
+
+def _off(x, kinks, margin=1e-2):
+    """x with every value at least `margin` away from each of the `kinks`."""
+    for k in kinks:
+        x = k + away_from_kinks(x - k, margin)
+    return x
 
 
 def _layers(r):
@@ -121,23 +134,26 @@ def cases(seed=0):
     return _op_cases(r) + [_layer_case(*c) for c in _layers(r)]
 
 
-def run(device="cpu", seed=0, names=None):
-    """Gradcheck every case on `device`, yielding one row {name, ok, fast, seconds, max_abs,
-    max_rel, error} per case as it finishes.
+def run(device="cpu", seed=0, names=None, orders=(1, 2)):
+    """Check every case on `device`, yielding one row {name, order, ok, fast, seconds,
+    max_abs, max_rel, error} per case and order as it finishes: order 1 is gradcheck (first
+    derivatives), order 2 gradgradcheck (second derivatives, through create_graph=True).
 
     Large cases (over 1,000 checked elements) run in fast mode (one random direction per
     input), the rest element by element. `names` restricts the run to those case names.
     """
+    checkers = {1: gradcheck, 2: gradgradcheck}
     for name, fn, inputs in cases(seed):
         if names is not None and name not in names:
             continue
         inputs = [backend.to_device(np.asarray(a, dtype=F64), device) for a in inputs]
         fast = sum(int(np.prod(a.shape)) for a in inputs) > 1000
-        start = time.perf_counter()
-        try:
-            report = gradcheck(fn, inputs, fast=fast, seed=seed)  # {"max_abs", "max_rel"}
-            row = dict(ok=True, error="")
-        except GradcheckError as err:
-            report, row = dict(max_abs=None, max_rel=None), dict(ok=False, error=str(err))
-        yield dict(name=name, seconds=time.perf_counter() - start, fast=fast,
-                   max_abs=report["max_abs"], max_rel=report["max_rel"], **row)
+        for order in orders:
+            start = time.perf_counter()
+            try:
+                report = checkers[order](fn, inputs, fast=fast, seed=seed)
+                row = dict(ok=True, error="")
+            except (GradcheckError, NotImplementedError) as err:  # no backward_graph: a FAIL
+                report, row = dict(max_abs=None, max_rel=None), dict(ok=False, error=str(err))
+            yield dict(name=name, order=order, seconds=time.perf_counter() - start,
+                       fast=fast, max_abs=report["max_abs"], max_rel=report["max_rel"], **row)

@@ -325,18 +325,20 @@ def cmd_gradcheck(args):
 
 def _gradcheck_table(device, threads):
     print(f"gradcheck on {device} ({threads} CPU thread(s)): float64, eps 1e-6, atol "
-          f"1e-5, rtol 1e-3 (full: every element; fast: one random direction per input)")
-    print(f"{'case':<26} {'result':<6} {'mode':<5} {'max abs err':>11} {'max rel err':>11} "
-          f"{'seconds':>7}")
+          f"1e-5, rtol 1e-3 (full: every element; fast: one random direction per input);\n"
+          f"order 1: first derivatives (gradcheck), 2: second derivatives (gradgradcheck)")
+    print(f"{'case':<26} {'order':>5} {'result':<6} {'mode':<5} {'max abs err':>11} "
+          f"{'max rel err':>11} {'seconds':>7}")
     rows = []
     for r in checks.run(device):
         rows.append(r)
         errs = " ".join(f"{r[k]:>11.2e}" if r[k] is not None else f"{'-':>11}"
                         for k in ("max_abs", "max_rel"))
-        print(f"{r['name']:<26} {'PASS' if r['ok'] else 'FAIL':<6} "
+        print(f"{r['name']:<26} {r['order']:>5} {'PASS' if r['ok'] else 'FAIL':<6} "
               f"{'fast' if r['fast'] else 'full':<5} {errs} {r['seconds']:>7.2f}", flush=True)
     failed = [r for r in rows if not r["ok"]]
     for r in failed:
-        print(f"\n{r['error']}", file=sys.stderr)
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} cases passed")
+        print(f"\n{r['name']} (order {r['order']}): {r['error']}", file=sys.stderr)
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed ({len(rows) // 2} "
+          f"cases, 2 orders each)")
     return 1 if failed else 0

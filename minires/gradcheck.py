@@ -87,6 +87,8 @@ def gradgradcheck(fn, inputs, *, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
     gy = _upstream(grad_output, out, rng, name)
     checked = [i for i, c in enumerate(check) if c]
+    ctx = dict(name=name, eps=eps, atol=atol, rtol=rtol, seed=seed)
+    _same_first_derivatives(fn, arrays, checked, gy, ctx)
 
     def first_derivatives(*args):
         *xs, g = args
@@ -103,6 +105,30 @@ def gradgradcheck(fn, inputs, *, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-
     return gradcheck(first_derivatives, arrays + [gy], eps=eps, atol=atol, rtol=rtol,
                      nondet_tol=nondet_tol, fast=fast, seed=seed,
                      check=tuple(check) + (True,))
+
+
+def _same_first_derivatives(fn, arrays, checked, gy, ctx):
+    """backward_graph must give what backward gives (gradgradcheck differentiates the former
+    and gradcheck checks the latter): compare them at the inputs, within atol + rtol."""
+    runs = []
+    for create_graph in (False, True):
+        xs = [_wrap(a, i in checked) for i, a in enumerate(arrays)]
+        with enable_grad():
+            runs.append(autograd.grad(fn(*xs), [xs[i] for i in checked], gy,
+                                      create_graph=create_graph, allow_unused=True))
+    for i, fast, graph in zip(checked, *runs):
+        zero = np.zeros(np.shape(arrays[i]))
+        a = zero if fast is None else fast.numpy().astype(np.float64)
+        b = zero if graph is None else graph.numpy().astype(np.float64)
+        err, bound = np.abs(a - b), ctx["atol"] + ctx["rtol"] * np.abs(a)
+        if np.all(err <= bound):
+            continue
+        k = np.unravel_index(int(np.argmax(err / bound)), a.shape)
+        raise GradcheckError(
+            f"gradgradcheck failed for {ctx['name']}: input {i} (shape {a.shape}): "
+            f"backward_graph and backward disagree on the first derivative: max abs "
+            f"difference {err.max():.3e}; at index {tuple(int(j) for j in k)} backward gives "
+            f"{a[k]:.8e}, backward_graph {b[k]:.8e}\n  {_settings(ctx)}")
 
 
 def _name(fn):

@@ -3,7 +3,7 @@ and a direct-loop conv oracle. Tolerances come from the one table in conftest.py
 import numpy as np
 
 from conftest import fwd_tol, to_numpy, tol
-from minires.gradcheck import gradcheck
+from minires.gradcheck import gradcheck, gradgradcheck
 
 
 def check_forward(actual, expected, dtype, reduce=False):
@@ -19,6 +19,12 @@ def check_grad(fn, inputs, **kwargs):
     """gradcheck(fn, inputs, **kwargs) at the grad_f64 tolerances; returns its report
     {"max_abs": ..., "max_rel": ...} and raises GradcheckError on a mismatch."""
     return gradcheck(fn, inputs, **tol("grad_f64"), **kwargs)
+
+
+def check_gradgrad(fn, inputs, **kwargs):
+    """gradgradcheck(fn, inputs, **kwargs) at the grad_f64 tolerances (second derivatives
+    through minires.grad(create_graph=True)); returns its report, raises GradcheckError."""
+    return gradgradcheck(fn, inputs, **tol("grad_f64"), **kwargs)
 
 
 def _set_by_name(module, name, value):

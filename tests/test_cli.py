@@ -49,10 +49,12 @@ def test_gradcheck_every_case_passes(capsys):
     out = capsys.readouterr().out
     names = [name for name, _, _ in checks.cases()]
     assert len(names) > 45 and "conv2d" in names and "nn.BasicBlock" in names
-    for name in names:
-        assert any(line.startswith(f"{name} ") and " PASS " in line
-                   for line in out.splitlines()), name
-    assert f"{len(names)} of {len(names)} cases passed" in out
+    for name in names:  # both orders: gradcheck and gradgradcheck
+        for order in (1, 2):
+            assert any(line.startswith(f"{name} ") and f" {order} PASS " in line
+                       for line in out.splitlines()), (name, order)
+    n = 2 * len(names)
+    assert f"{n} of {n} checks passed ({len(names)} cases, 2 orders each)" in out
 
 
 class _WrongSquare(Function):
@@ -72,10 +74,15 @@ def test_gradcheck_failure_exits_nonzero(monkeypatch, capsys):
     assert cli.main(["gradcheck"]) == 1
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert any(line.startswith("wrong square ") and " FAIL " in line for line in lines)
-    assert any(line.startswith("right ") and " PASS " in line for line in lines)
-    assert "1 of 2 cases passed" in captured.out
+    assert any(line.startswith("wrong square ") and " 1 FAIL " in line for line in lines)
+    assert any(line.startswith("right ") and " 1 PASS " in line for line in lines)
+    assert any(line.startswith("right ") and " 2 PASS " in line for line in lines)
+    # _WrongSquare has no backward_graph: its second-order row fails and says why
+    assert any(line.startswith("wrong square ") and " 2 FAIL " in line for line in lines)
+    assert "2 of 4 checks passed (2 cases, 2 orders each)" in captured.out
     assert "numerical and analytical gradients differ" in captured.err
+    assert "wrong square (order 2): _WrongSquare does not support create_graph=True" in \
+        captured.err
 
 
 @pytest.mark.skipif(backend.cupy_available(), reason="a GPU is present")

@@ -218,6 +218,40 @@ def to_device(x, device):
     return ToDevice(backend.check_device(device))(x)
 
 
+class Clip(Function):
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def forward(self, x):
+        check_float("clip", x)
+        inside = self.xp.ones(x.shape, dtype=bool)
+        if self.low is not None:
+            inside &= x >= self.low
+        if self.high is not None:
+            inside &= x <= self.high
+        # the gradient passes where x is within [min, max], bounds included (as PyTorch)
+        self.save_for_backward(inside.astype(x.dtype))
+        return self.xp.clip(x, self.low, self.high).astype(x.dtype, copy=False)
+
+    def backward(self, gy):
+        return gy * self.saved[0]
+
+    def backward_graph(self, gy):
+        return gy * self.saved[0]
+
+
+def clip(x, min=None, max=None):
+    """x limited to [min, max] elementwise (either bound may be None), as torch.clip: the
+    gradient is 1 inside the bounds (inclusive) and 0 outside; min > max gives max everywhere
+    (and a zero gradient), as in PyTorch."""
+    for name, v in (("min", min), ("max", max)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(f"clip: {name} must be a number or None, got {type(v).__name__}")
+    if min is None and max is None:
+        raise ValueError("clip: at least one of min and max must be given")
+    return Clip(min, max)(x)
+
+
 class AsType(Function):
     def __init__(self, dtype):
         self.dtype = dtype
