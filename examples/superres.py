@@ -79,11 +79,6 @@ class Batches:
                 yield self.pairs(order[start:start + self.batch_size])
 
 
-def mse(pred, target):
-    d = F.sub(pred, target)
-    return F.mean(F.mul(d, d))
-
-
 def image_mse(pred, target):
     """Per-image MSE (N,) on the host, predictions clipped to [0, 1]."""
     xp = backend.array_module(pred)
@@ -113,7 +108,7 @@ def train_variant(name, args, train_images):
     losses = []
     for step in tqdm(range(1, args.steps + 1), desc=name, file=sys.stderr, dynamic_ncols=True):
         x, target = next(batches)
-        loss = mse(model(Tensor(x)), target)
+        loss = F.mse_loss(model(Tensor(x)), target)
         model.zero_grad()
         loss.backward()
         opt.step()
