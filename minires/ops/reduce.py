@@ -82,23 +82,24 @@ class Max(Function):
         if x.size == 0:
             raise ValueError(f"{op}: cannot reduce an empty array of shape {x.shape}")
         y = (x.min if self.lowest else x.max)(axis=self.axes, keepdims=True)
-        self.save_for_backward(self._share(x, y))
+        self.save_for_backward(x, y)
         return y if self.keepdims else y.reshape(
             [n for i, n in enumerate(x.shape) if i not in self.axes])
 
-    def _share(self, x, y):
+    def _share(self):
         """Each element's share of the gradient: 1/(number of ties) at an extremum, else 0.
         Ties share equally (the subgradient PyTorch uses for full reductions)."""
+        x, y = self.saved
         share = (x == y).astype(x.dtype)
         share /= share.sum(axis=self.axes, keepdims=True)
         return share
 
     def backward(self, gy):
-        (share,) = self.saved
+        share = self._share()
         return share * _expand(gy, share.shape, self.axes)
 
     def backward_graph(self, gy):
-        (share,) = self.saved  # piecewise constant in x: a constant of the gradient graph
+        share = self._share()  # piecewise constant in x: a constant of the gradient graph
         return reshape(gy, _kept(share.shape, self.axes)) * share
 
 
