@@ -231,7 +231,9 @@ class Clip(Function):
             inside &= x <= self.high
         # the gradient passes where x is within [min, max], bounds included (as PyTorch)
         self.save_for_backward(inside.astype(x.dtype))
-        return self.xp.clip(x, self.low, self.high).astype(x.dtype, copy=False)
+        y = x if self.low is None else self.xp.maximum(x, x.dtype.type(self.low))
+        # min > max gives max everywhere: the upper bound is applied last, as in PyTorch
+        return y if self.high is None else self.xp.minimum(y, x.dtype.type(self.high))
 
     def backward(self, gy):
         return gy * self.saved[0]
