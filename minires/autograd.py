@@ -75,7 +75,7 @@ def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=Fal
     for r, g in zip(roots, root_grads):
         _add_pending(grads, r, g)
     order = list(graph_order(roots))  # inputs first: popping from the end starts at a root
-    needed = None if targets is None else _through_to(order, targets)
+    runs = None if targets is None else _through_to(order, targets)
     found = {}
     while order:
         t = order.pop()  # popping drops our reference, so processed tensors can be freed
@@ -88,7 +88,7 @@ def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=Fal
         if t.creator is None:
             if targets is None:
                 _accumulate_leaf(t, g)
-        elif needed is None or id(t) in needed:
+        elif runs is None or id(t) in runs:
             _backward_one(t.creator, g, grads, retain_graph, create_graph)
     return found
 
@@ -188,6 +188,11 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     for i, x in enumerate(inputs):
         if not x.requires_grad:
             raise RuntimeError(f"grad: input {i} (shape {x.shape}) does not require grad")
+    if not allow_unused:  # before the sweep, which may free the graph
+        reached = {id(t) for t in graph_order(outputs)}
+        for i, x in enumerate(inputs):
+            if id(x) not in reached:
+                _unused(i, x)
     starts = [initial_grad(y, g, "grad", keep_tensor=create_graph)
               for y, g in zip(outputs, grad_outputs)]
     if create_graph:
@@ -210,12 +215,16 @@ def _as_list(items, name, count=None):
     return items
 
 
+def _unused(i, x):
+    raise RuntimeError(f"grad: input {i} (shape {x.shape}) was not used to compute the "
+                       f"outputs; pass allow_unused=True to get None for it")
+
+
 def _result(g, x, i, create_graph, allow_unused):
     """The gradient of input i as a Tensor of x's dtype, None if unused (when allowed)."""
     if g is None:
         if not allow_unused:
-            raise RuntimeError(f"grad: input {i} (shape {x.shape}) was not used to compute the "
-                               f"outputs; pass allow_unused=True to get None for it")
+            _unused(i, x)
         return None
     if create_graph:
         return g if g.dtype == x.dtype else g.astype(x.dtype)
