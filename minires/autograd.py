@@ -40,23 +40,24 @@ def graph_order(roots, freed_message=_FREED):
             stack.extend((x, False) for x in reversed(f.inputs) if id(x) not in visited)
 
 
-def initial_grad(t, gy, op, keep_tensor=False):
+def initial_grad(t, gy, op, arg, keep_tensor=False):
     """The gradient that starts a sweep from t: ones for a one-element t when gy is None, else
     gy (array, Tensor or nested list) checked against t's shape and device, as a raw array of
-    t's dtype; with keep_tensor, a Tensor gy stays a Tensor (its graph is differentiated too)."""
+    t's dtype; with keep_tensor, a Tensor gy stays a Tensor (its graph is differentiated too).
+    Errors name `op` and the argument `arg` that gy came from."""
     xp = backend.array_module(t.data)
     if gy is None:
         if t.size != 1:
             raise RuntimeError(f"{op}: gradient can be implied only for a one-element output, "
-                               f"got shape {t.shape}; pass the output's gradient")
+                               f"got shape {t.shape}; pass {arg}")
         return xp.ones_like(t.data)
     tensor_kept = keep_tensor and isinstance(gy, Tensor)
     array = gy.data if tensor_kept else _as_array(gy, t.dtype)
     if backend.device_of(array) != t.device:
-        raise ValueError(f"{op}: the gradient is on {backend.device_of(array)}, tensor on "
+        raise ValueError(f"{op}: {arg} is on {backend.device_of(array)}, tensor on "
                          f"{t.device}")
     if array.shape != t.shape:
-        raise ValueError(f"{op}: gradient shape {array.shape} != tensor shape {t.shape}")
+        raise ValueError(f"{op}: {arg} shape {array.shape} != tensor shape {t.shape}")
     if tensor_kept:
         return gy if gy.dtype == t.dtype else gy.astype(t.dtype)
     return array
@@ -193,8 +194,8 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         for i, x in enumerate(inputs):
             if id(x) not in reached:
                 _unused(i, x)
-    starts = [initial_grad(y, g, "grad", keep_tensor=create_graph)
-              for y, g in zip(outputs, grad_outputs)]
+    starts = [initial_grad(y, g, "grad", f"grad_outputs[{i}]", keep_tensor=create_graph)
+              for i, (y, g) in enumerate(zip(outputs, grad_outputs))]
     if create_graph:
         starts = [g if isinstance(g, Tensor) else Tensor(g) for g in starts]
     retain = create_graph if retain_graph is None else retain_graph

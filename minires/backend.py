@@ -78,6 +78,18 @@ def to_device(array, device):
     return _probe_cupy().asarray(array)
 
 
+def scatter_add(target, indices, values):
+    """target[indices] += values in place, where repeated indices ACCUMULATE (numpy.add.at
+    semantics; `target[indices] += values` would keep one of the repeats). indices: anything
+    target[...] accepts, typically a tuple of integer arrays. On CuPy: cupyx.scatter_add
+    (atomic adds: repeats are summed in no fixed order)."""
+    if is_cupy_array(target):
+        import cupyx  # a GPU array exists, so CuPy is already imported: nothing to probe
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
 def gpu_name():
     """Name of CUDA device 0, or None when there is no usable GPU."""
     cupy = _probe_cupy()

@@ -41,6 +41,7 @@ def _op_cases(r):
         ("broadcast_to", lambda x: F.broadcast_to(x, (2, 3, 4)), [a]),
         ("getitem", lambda x: F.getitem(x, (slice(1, 3), None, 2)), [a]),
         ("concat", lambda x, y: F.concat([x, y], axis=1), [a, b]),
+        ("gather", lambda x: F.gather(x, 1, np.array([[0, 3, 3], [1, 1, 2], [2, 0, 0]])), [a]),
         ("matmul", F.matmul, [a, b.T]),
         ("linear", F.linear, [a, r.standard_normal((5, 4)), r.standard_normal(5)]),
         ("relu", F.relu, [away_from_kinks(img)]),
@@ -54,8 +55,13 @@ def _op_cases(r):
         ("dropout", lambda x: F.dropout(x, 0.5, rng=0), [a]),  # same mask on every call
         ("conv2d", lambda x, w, b: F.conv2d(x, w, b, 1, 1), [img, w, r.standard_normal(4)]),
         ("conv2d stride 2", lambda x, w: F.conv2d(x, w, None, 2, 0), [img, w]),
+        ("conv_transpose2d", lambda x, w, b: F.conv_transpose2d(x, w, b, 2, 1, 1),
+         [r.standard_normal((2, 4, 3, 3)), w, r.standard_normal(3)]),  # w as (C_in=4, 3, 3, 3)
         ("max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(img)]),
+        ("max_pool2d padding", lambda x: F.max_pool2d(x, 3, 2, 1), [distinct(img)]),
         ("avg_pool2d", lambda x: F.avg_pool2d(x, 2), [img]),
+        ("avg_pool2d padding", lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+         [img]),
         ("global_avg_pool2d", F.global_avg_pool2d, [img]),
         ("batch_norm", F.batch_norm, [img, r.uniform(0.5, 1.5, 3), r.standard_normal(3)]),
         ("residual_add", F.residual_add, [img, r.standard_normal(img.shape)]),
@@ -84,11 +90,14 @@ def _layers(r):
     return [
         ("nn.Linear", nn.Linear(4, 3, rng=r, **kw), r.standard_normal((2, 4))),
         ("nn.Conv2d", nn.Conv2d(2, 3, 3, stride=2, padding=1, rng=r, **kw), img),
+        ("nn.ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1,
+                                                  output_padding=1, rng=r, **kw), img),
         ("nn.ReLU", nn.ReLU(), away_from_kinks(img)),
         ("nn.MaxPool2d", nn.MaxPool2d(2), distinct(img)),
         ("nn.AvgPool2d", nn.AvgPool2d(3), img),
         ("nn.GlobalAvgPool2d", nn.GlobalAvgPool2d(), img),
         ("nn.Flatten", nn.Flatten(), img),
+        ("nn.Embedding", nn.Embedding(5, 3, rng=r, **kw), np.array([[0, 4, 4], [2, 1, 0]])),
         ("nn.BatchNorm2d", nn.BatchNorm2d(2, **kw), img),
         ("nn.Dropout", nn.Dropout(0.5, rng=0), img),
         ("nn.Residual", nn.Residual(nn.Sequential(conv(2, 2), nn.ReLU(), conv(2, 2)),
@@ -146,7 +155,8 @@ def run(device="cpu", seed=0, names=None, orders=(1, 2)):
     for name, fn, inputs in cases(seed):
         if names is not None and name not in names:
             continue
-        inputs = [backend.to_device(np.asarray(a, dtype=F64), device) for a in inputs]
+        inputs = [backend.to_device(np.asarray(a, dtype=F64 if np.asarray(a).dtype.kind == "f"
+                                               else None), device) for a in inputs]
         fast = sum(int(np.prod(a.shape)) for a in inputs) > 1000
         for order in orders:
             start = time.perf_counter()

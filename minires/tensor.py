@@ -149,7 +149,7 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward: tensor does not require grad and has no graph")
         from minires import autograd  # the engine lives there (it imports this module)
-        autograd.run_backward([self], [autograd.initial_grad(self, gy, "backward")],
+        autograd.run_backward([self], [autograd.initial_grad(self, gy, "backward", "gy")],
                               retain_graph)
 
     # --- operators (each calls the functional op) -----------------------------------------

@@ -12,6 +12,8 @@ import minires.ops as F
 from minires.nn import init
 from minires.nn.module import Module
 from minires.ops._args import pair
+from minires.ops.conv import check_output_padding
+from minires.ops.pool import pool_windows
 
 
 def _check_input(layer, x, shape_ok, expected, hint=""):
@@ -98,6 +100,44 @@ class Conv2d(Module):
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
+class ConvTranspose2d(Module):
+    """Transposed 2-D convolution (conv2d's input gradient run forward, as PyTorch's
+    nn.ConvTranspose2d): x (N, C_in, H, W) -> (N, C_out, HO, WO), with
+    HO = (H - 1)*sh - 2*ph + KH + oph and WO likewise.
+
+    weight (C_in, C_out, KH, KW) Kaiming-normal with PyTorch's fan-in for this layout, from
+    the weight's second axis (fan_in = C_out*KH*KW), bias (C_out,) zeros. output_padding must
+    be smaller than stride. x must have the layer's dtype (float32 by default).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, bias=True, rng=None, dtype=np.float32):
+        super().__init__()
+        name = "ConvTranspose2d"
+        dtype = init.float_dtype(dtype, name)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = pair(name, "kernel_size", kernel_size)
+        self.stride, self.padding = pair(name, "stride", stride), pair(name, "padding", padding)
+        self.output_padding = pair(name, "output_padding", output_padding)
+        check_output_padding(name, self.output_padding, self.stride)  # fail at build time
+        kh, kw = self.kernel_size
+        self.weight = init.kaiming_normal((in_channels, out_channels, kh, kw),
+                                          out_channels * kh * kw, init.as_rng(rng), dtype)
+        self.bias = init.zeros((out_channels,), dtype) if bias else None
+
+    def forward(self, x):
+        c = self.in_channels
+        _check_input(self, x, lambda s: len(s) == 4 and s[1] == c, f"(N, {c}, H, W)",
+                     " (add the batch axis: x[None])" if getattr(x, "ndim", 0) == 3 else "")
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
+                                  self.output_padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}, bias={self.bias is not None}")
+
+
 class ReLU(Module):
     """max(x, 0), elementwise."""
 
@@ -106,26 +146,37 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
-    """Max over kernel_size windows; stride defaults to kernel_size (no padding, floor)."""
+    """Max over kernel_size windows; stride defaults to kernel_size; padding (with -inf, at
+    most half the kernel) and the floored output size as in PyTorch."""
 
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         name = type(self).__name__  # AvgPool2d shares this __init__: errors name the real class
-        self.kernel_size = pair(name, "kernel_size", kernel_size)
-        self.stride = self.kernel_size if stride is None else pair(name, "stride", stride)
+        windows = pool_windows(name, kernel_size, stride, padding)  # refused here, not later
+        self.kernel_size, self.stride = windows.kernel, windows.stride
+        self.padding = windows.padding
 
     def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 class AvgPool2d(MaxPool2d):
-    """Mean over kernel_size windows; stride defaults to kernel_size (no padding, floor)."""
+    """Mean over kernel_size windows; stride defaults to kernel_size; zero padding (at most
+    half the kernel), counted in the divisor unless count_include_pad=False, as in PyTorch."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
 
     def forward(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                            self.count_include_pad)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, count_include_pad={self.count_include_pad}"
 
 
 class GlobalAvgPool2d(Module):
