@@ -1,6 +1,7 @@
 """Look inside an autograd graph: Graphviz DOT text, a rendered picture, a terminal summary.
 
-Imports minires.tensor, minires.autograd (graph_order) and minires.backend only (modules and parameters are read duck-typed).
+Imports minires.tensor, minires.autograd (graph_order) and minires.backend only (modules and
+parameters are read duck-typed).
 """
 import contextlib
 import inspect

@@ -30,7 +30,8 @@ LAYERS = {
     "minires.optim": ("minires.tensor", "minires.backend", "minires.kernels"),  # sgd_update
     "minires.data": ("minires.backend",),
     "minires.checkpoint": ("minires.tensor", "minires.backend"),
-    "minires.viz": ("minires.tensor", "minires.autograd", "minires.backend"),  # graphs read duck-typed
+    # graphs read duck-typed
+    "minires.viz": ("minires.tensor", "minires.autograd", "minires.backend"),
     "minires.profile": ("minires.ops", "minires.tensor", "minires.backend"),  # observer hook
     "minires.anomaly": ("minires.tensor", "minires.backend"),  # observer hook: NaN/inf finder
     "minires.runtime": ("minires.backend",),  # threads, wait policy, BLAS, CPU, GPU facts
