@@ -24,9 +24,10 @@ def parse_pytest(text, rc, dry):
 
 
 def parse_gradcheck(text, rc, dry):
-    m = re.search(r"(\d+) of (\d+) cases passed", text)
-    figures = {"cases passed": int(m.group(1)), "cases": int(m.group(2))} if m else {}
-    return None, figures, "" if m else "no 'N of M cases passed' line"
+    m = re.search(r"(\d+) of (\d+) checks passed \((\d+) cases", text)
+    figures = {"checks passed": int(m.group(1)), "checks": int(m.group(2)),
+               "cases": int(m.group(3))} if m else {}
+    return None, figures, "" if m else "no 'N of M checks passed (K cases, ...)' line"
 
 
 def parse_train(text, rc, dry):

@@ -3,7 +3,9 @@ and a direct-loop conv oracle. Tolerances come from the one table in conftest.py
 import numpy as np
 
 from conftest import fwd_tol, to_numpy, tol
+import minires
 from minires.gradcheck import gradcheck, gradgradcheck
+from minires.tensor import Tensor, enable_grad
 
 
 def check_forward(actual, expected, dtype, reduce=False):
@@ -25,6 +27,19 @@ def check_gradgrad(fn, inputs, **kwargs):
     """gradgradcheck(fn, inputs, **kwargs) at the grad_f64 tolerances (second derivatives
     through minires.grad(create_graph=True)); returns its report, raises GradcheckError."""
     return gradgradcheck(fn, inputs, **tol("grad_f64"), **kwargs)
+
+
+def adjoint(fn, x):
+    """g -> d<g, fn(x)>/dx, built with create_graph=True: fn's backward_graph as a function of
+    g, so check_grad checks the backward of the op it records and check_gradgrad that op's
+    own backward_graph (gradients of order three)."""
+    def first(g):
+        with enable_grad():  # gradcheck evaluates fn under no_grad
+            t = Tensor(x, requires_grad=True)
+            return minires.grad(fn(t), [t], g, create_graph=True)[0]
+
+    first.__qualname__ = f"adjoint of {getattr(fn, '__qualname__', fn)}"
+    return first
 
 
 def _set_by_name(module, name, value):

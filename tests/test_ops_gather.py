@@ -4,12 +4,12 @@ PyTorch where installed. Runs on every `xp` backend."""
 import numpy as np
 import pytest
 
-import minires
 import minires.ops as F
 from conftest import to_numpy
-from helpers import check_forward, check_grad, check_gradgrad, check_module_grad, param_fn
+from helpers import (adjoint, check_forward, check_grad, check_gradgrad, check_module_grad,
+                     param_fn)
 from minires import nn
-from minires.tensor import Tensor, enable_grad
+from minires.tensor import Tensor
 
 DTYPES = [np.float32, np.float64]
 
@@ -44,19 +44,6 @@ def direct_scatter_add(shape, dim, index, g):
         src[dim] = index[p]
         gx[tuple(src)] += g[p]
     return gx
-
-
-def adjoint(fn, x):
-    """g -> d<g, fn(x)>/dx, built with create_graph=True: fn's backward_graph as a function of
-    g, so check_grad checks the backward of the op it records and check_gradgrad that op's
-    own backward_graph (gradients of order three)."""
-    def first(g):
-        with enable_grad():  # gradcheck evaluates fn under no_grad
-            t = Tensor(x, requires_grad=True)
-            return minires.grad(fn(t), [t], g, create_graph=True)[0]
-
-    first.__qualname__ = f"adjoint of {getattr(fn, '__qualname__', fn)}"
-    return first
 
 
 CASES = [  # x shape, index shape, dim: index longer than x along dim repeats indices surely

@@ -8,10 +8,10 @@ import pytest
 import minires
 import minires.ops as F
 from conftest import to_numpy
-from helpers import check_forward, check_grad, check_gradgrad
+from helpers import adjoint, check_forward, check_grad, check_gradgrad
 from minires import nn
 from minires.gradcheck import distinct
-from minires.tensor import Tensor, enable_grad
+from minires.tensor import Tensor
 
 DTYPES = [np.float32, np.float64]
 
@@ -41,19 +41,6 @@ def direct_pool(x, kernel, stride, padding, kind, count_include_pad=True):
     real = np.pad(np.ones(x.shape[2:]), frame[2:])
     count = np.lib.stride_tricks.sliding_window_view(real, (kh, kw))[::sh, ::sw].sum(axis=(2, 3))
     return win.sum(axis=(4, 5)) / count
-
-
-def adjoint(fn, x):
-    """g -> d<g, fn(x)>/dx, built with create_graph=True: fn's backward_graph as a function of
-    g, so check_grad checks the backward of the op it records and check_gradgrad that op's
-    own backward_graph (gradients of order three)."""
-    def first(g):
-        with enable_grad():  # gradcheck evaluates fn under no_grad
-            t = Tensor(x, requires_grad=True)
-            return minires.grad(fn(t), [t], g, create_graph=True)[0]
-
-    first.__qualname__ = f"adjoint of {getattr(fn, '__qualname__', fn)}"
-    return first
 
 
 CASES = [  # x shape, kernel, stride, padding
