@@ -39,6 +39,7 @@ def _op_cases(r):
         ("transpose", F.transpose, [img]),
         ("flatten", F.flatten, [img]),
         ("broadcast_to", lambda x: F.broadcast_to(x, (2, 3, 4)), [a]),
+        ("sum_to", lambda x: F.sum_to(x, (3, 1)), [a]),
         ("getitem", lambda x: F.getitem(x, (slice(1, 3), None, 2)), [a]),
         ("concat", lambda x, y: F.concat([x, y], axis=1), [a, b]),
         ("gather", lambda x: F.gather(x, 1, np.array([[0, 3, 3], [1, 1, 2], [2, 0, 0]])), [a]),

@@ -47,7 +47,8 @@ def _shape(t):
 
 def function_args(f):
     """The key arguments of Function f as 'name=value' strings, read from the attributes its
-    __init__ stored (stride, padding, axis, ...); arrays and other objects are left out."""
+    __init__ stored (stride, padding, axis, ...); an object of simple fields shows its fields,
+    arrays and other objects are left out."""
     try:
         names = inspect.signature(type(f).__init__).parameters
     except (TypeError, ValueError):
@@ -56,9 +57,14 @@ def function_args(f):
     for name, p in names.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        text = _format_value(getattr(f, name, None))
+        value = getattr(f, name, None)
+        text = _format_value(value)
         if text is not None:
             args.append(f"{name}={text}")
+        else:  # a small record of simple fields (pooling's Windows): show the fields
+            fields = {k: _format_value(v) for k, v in getattr(value, "__dict__", {}).items()}
+            if fields and None not in fields.values():
+                args += [f"{k}={t}" for k, t in fields.items()]
     return args
 
 
