@@ -22,7 +22,9 @@ def gradcheck(fn, inputs, *, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-3, n
 
     Args:
         fn: callable, fn(*tensors) -> Tensor. Gets float64 copies of the floating inputs (as
-            Tensors that require grad), other inputs as constant Tensors, None as None.
+            Tensors that require grad), other inputs as constant Tensors, None as None. The
+            numerical passes call it under no_grad with constant inputs: a fn that calls
+            minires.grad itself must re-wrap them (requires_grad) inside enable_grad().
         inputs: sequence of Tensors, arrays (NumPy or CuPy) or None. Never modified.
         grad_output: upstream gradient g, shape of fn's output; default standard normal
             drawn from `seed` (not ones, which cannot see a backward that permutes gy).
