@@ -63,7 +63,8 @@ def initial_grad(t, gy, op, arg, keep_tensor=False):
     return array
 
 
-def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=False):
+def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=False,
+                 order=None):
     """The reverse sweep shared by Tensor.backward and minires.grad.
 
     roots: output Tensors; root_grads: one gradient each (raw arrays; Tensors when
@@ -71,11 +72,13 @@ def run_backward(roots, root_grads, retain_graph, targets=None, create_graph=Fal
     targets a set of tensor ids: no `.grad` is touched, only the part of the graph that leads
     to a target runs, and {id: gradient} of the targets reached is returned. create_graph:
     each op runs `backward_graph`, so the gradients are Tensors with a graph of their own.
+    order: list(graph_order(roots)) when the caller has it already.
     """
     grads = {}
     for r, g in zip(roots, root_grads):
         _add_pending(grads, r, g)
-    order = list(graph_order(roots))  # inputs first: popping from the end starts at a root
+    # inputs first: popping from the end starts at a root
+    order = list(graph_order(roots)) if order is None else order
     runs = None if targets is None else _through_to(order, targets)
     found = {}
     while order:
@@ -189,8 +192,9 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     for i, x in enumerate(inputs):
         if not x.requires_grad:
             raise RuntimeError(f"grad: input {i} (shape {x.shape}) does not require grad")
+    order = list(graph_order(outputs))
     if not allow_unused:  # before the sweep, which may free the graph
-        reached = {id(t) for t in graph_order(outputs)}
+        reached = {id(t) for t in order}
         for i, x in enumerate(inputs):
             if id(x) not in reached:
                 _unused(i, x)
@@ -199,7 +203,8 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     if create_graph:
         starts = [g if isinstance(g, Tensor) else Tensor(g) for g in starts]
     retain = create_graph if retain_graph is None else retain_graph
-    found = run_backward(outputs, starts, retain, {id(x) for x in inputs}, create_graph)
+    found = run_backward(outputs, starts, retain, {id(x) for x in inputs}, create_graph,
+                         order)
     return tuple(_result(found.get(id(x)), x, i, create_graph, allow_unused)
                  for i, x in enumerate(inputs))
 
@@ -227,6 +232,6 @@ def _result(g, x, i, create_graph, allow_unused):
         if not allow_unused:
             _unused(i, x)
         return None
-    if create_graph:
-        return g if g.dtype == x.dtype else g.astype(x.dtype)
+    if create_graph:  # x's dtype already: initial_grad and _backward_one cast, hooks can't
+        return g
     return Tensor(g.astype(x.dtype, copy=True))  # a copy: g may be the caller's own array

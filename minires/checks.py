@@ -156,8 +156,9 @@ def run(device="cpu", seed=0, names=None, orders=(1, 2)):
     for name, fn, inputs in cases(seed):
         if names is not None and name not in names:
             continue
-        inputs = [backend.to_device(np.asarray(a, dtype=F64 if np.asarray(a).dtype.kind == "f"
-                                               else None), device) for a in inputs]
+        inputs = [np.asarray(a) for a in inputs]  # floating ones in float64, indices as is
+        inputs = [backend.to_device(a.astype(F64) if a.dtype.kind == "f" else a, device)
+                  for a in inputs]
         fast = sum(int(np.prod(a.shape)) for a in inputs) > 1000
         for order in orders:
             start = time.perf_counter()

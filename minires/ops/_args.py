@@ -35,6 +35,13 @@ def raw(a):
     return a.data if isinstance(a, Tensor) else a
 
 
+def relu_masked(gy, y):
+    """gy where y > 0, else 0: a ReLU's backward for backward_graph (gy a Tensor, y the raw
+    output). The mask is piecewise constant in the input, so it enters the graph as a
+    constant."""
+    return gy * (y > 0).astype(y.dtype)
+
+
 def unbroadcast(g, shape):
     """Sum g over the axes that broadcasting added or stretched, so it has `shape`."""
     if g.shape == shape:

@@ -8,7 +8,7 @@ import numpy as np
 
 from minires import kernels
 from minires import backend
-from minires.ops._args import check_float, raw
+from minires.ops._args import check_float, raw, relu_masked
 from minires.ops.reduce import mean as mean_, sum as sum_
 from minires.tensor import Function, Tensor
 
@@ -26,8 +26,7 @@ class ReLU(Function):
         return kernels.relu_backward(gy, self.saved[0])
 
     def backward_graph(self, gy):
-        y = self.saved[0]
-        return gy * (y > 0).astype(y.dtype)  # the mask is piecewise constant: a constant
+        return relu_masked(gy, self.saved[0])
 
 
 def relu(x):
@@ -48,8 +47,7 @@ class LeakyReLU(Function):
     def backward(self, gy):
         return gy * self.saved[0]
 
-    def backward_graph(self, gy):
-        return gy * self.saved[0]
+    backward_graph = backward  # gy * a constant: the same code on arrays and on Tensors
 
 
 def leaky_relu(x, negative_slope=0.01):
@@ -219,8 +217,7 @@ class Dropout(Function):
     def backward(self, gy):
         return gy * self.saved[0]
 
-    def backward_graph(self, gy):
-        return gy * self.saved[0]
+    backward_graph = backward  # gy * a constant: the same code on arrays and on Tensors
 
 
 def dropout(x, p=0.5, training=True, rng=None):
@@ -253,5 +250,6 @@ def mse_loss(input, target, reduction="mean"):
     check_float("mse_loss", a, b)
     diff = (input if isinstance(input, Tensor) else Tensor(input)) - target
     squared = diff * diff
-    return {"mean": mean_, "sum": sum_}[reduction](squared) if reduction != "none" \
-        else squared
+    if reduction == "none":
+        return squared
+    return mean_(squared) if reduction == "mean" else sum_(squared)

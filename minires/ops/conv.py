@@ -19,7 +19,7 @@ so the gradient of each, for an upstream gradient z, is made of the other two:
     W:     gg = conv(x, z),   gx = T(g, z)
 """
 from minires import kernels
-from minires.ops._args import check_float, pair
+from minires.ops._args import check_float, pair, relu_masked
 from minires.ops.reduce import sum as sum_
 from minires.tensor import Function, Tensor
 
@@ -67,8 +67,7 @@ class Conv2d(Function):
         x, w = self.inputs[:2]
         need = self.needs_input_grad
         if self.relu:
-            y = self.saved[2]
-            gy = gy * (y > 0).astype(y.dtype)
+            gy = relu_masked(gy, self.saved[2])
         gx = _transpose_to(gy, w, x.shape[2:], self.stride, self.padding) if need[0] else None
         gw = conv2d_weight(gy, x, w.shape[2:], self.stride, self.padding) if need[1] else None
         gb = _bias_grad(gy) if len(need) > 2 and need[2] else None

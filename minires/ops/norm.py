@@ -5,7 +5,7 @@ Imports minires.tensor, minires.ops._args (argument checks), the reduce and shap
 (backward_graph) and kernels.
 """
 from minires import kernels
-from minires.ops._args import check_float, raw
+from minires.ops._args import check_float, raw, relu_masked
 from minires.ops.reduce import mean as mean_, sum as sum_
 from minires.ops.shape import reshape
 from minires.tensor import Function
@@ -56,9 +56,9 @@ class BatchNorm2d(Function):
         else:
             inv = inv_std.reshape(bshape)
             x_hat = (x - mean.reshape(bshape)) * inv
-        if self.relu:  # the ReLU's mask, piecewise constant: a constant of this graph
+        if self.relu:  # the output recomputed from x, as the kernels do
             y = x_hat.data * gamma.data.reshape(bshape) + beta.data.reshape(bshape)
-            gy = gy * (y > 0).astype(y.dtype)
+            gy = relu_masked(gy, y)
         scale = reshape(gamma, bshape) * inv
         ggamma, gbeta = sum_(gy * x_hat, axes), sum_(gy, axes)
         if not self.training:

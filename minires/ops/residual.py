@@ -5,7 +5,7 @@ Imports minires.tensor, minires.ops._args (dtype check), the reduce and shape op
 (backward_graph) and kernels.
 """
 from minires import kernels
-from minires.ops._args import check_float
+from minires.ops._args import check_float, relu_masked
 from minires.ops.reduce import sum as sum_
 from minires.ops.shape import reshape
 from minires.tensor import Function
@@ -46,7 +46,7 @@ class ResidualAdd(Function):
 
     def backward_graph(self, gy):
         y = self.saved[0]
-        g = gy * (y > 0).astype(y.dtype) if self.relu else gy  # the mask is a constant
+        g = relu_masked(gy, y) if self.relu else gy
         if len(self.inputs) == 2:
             return g, g
         _, fx, alpha = self.inputs
